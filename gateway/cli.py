@@ -1,0 +1,268 @@
+"""`gateway serve|check|demo|sim-worker|generate`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+import uvicorn
+from starlette.types import ASGIApp
+
+from gateway.app import create_app
+from gateway.errors import ConfigError
+from gateway.registry import Registry, load_registry
+from gateway.simworker import SimConfig, create_sim_app, spawn, stop, wait_healthy
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        code: int = args.run(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the gateway")
+    _config_arg(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(run=serve)
+
+    p = sub.add_parser("check", help="validate adapters.yaml and print the routing table")
+    p.add_argument("config", nargs="?", default="adapters.yaml")
+    p.set_defaults(run=check)
+
+    p = sub.add_parser("demo", help="the gateway plus simulated workers on loopback")
+    _config_arg(p)
+    p.add_argument("--port", type=int, default=8080, help="gateway port (0: any free port)")
+    p.add_argument("--step-ms", type=float, default=20.0, help="simulated time per step")
+    p.set_defaults(run=demo)
+
+    p = sub.add_parser(
+        "sim-worker",
+        help="a SIMULATED GPU worker (no model: draws test images with Pillow)",
+        description=(
+            "A GPU-worker SIMULATOR speaking the Friendli Container image API. It runs "
+            "no model: it draws a deterministic test picture and takes the time a GPU "
+            "would. For tests, the demo and benchmarks."
+        ),
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--step-ms", type=float, default=20.0, help="time per inference step")
+    p.add_argument("--concurrency", type=int, default=2, help="generations at once")
+    p.add_argument("--adapters", default=None, help="comma-separated LoRA names served")
+    p.add_argument("--adapter-load-ms", type=float, default=500.0)
+    p.add_argument("--max-loaded-adapters", type=int, default=4)
+    p.add_argument("--fail-rate", type=float, default=0.0, help="share answered with 500")
+    p.add_argument("--size", type=int, default=512, help="image width and height")
+    p.add_argument("--seed", type=int, default=None, help="seeds the failure draws")
+    p.set_defaults(run=sim_worker)
+
+    p = sub.add_parser("generate", help="ask a gateway for one image and write it")
+    p.add_argument("prompt")
+    p.add_argument("--model", default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--format", choices=["jpeg", "raw"], default="jpeg")
+    p.add_argument("--out", required=True, help="file to write the image to")
+    p.add_argument("--url", default="http://127.0.0.1:8080")
+    p.add_argument("--timeout", type=float, default=300.0)
+    p.set_defaults(run=generate)
+    return parser
+
+
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="adapters.yaml", help="the adapter registry")
+
+
+def serve(args: argparse.Namespace) -> int:
+    app = create_app(load_registry(args.config))
+    uvicorn.Server(_fast(app, host=args.host, port=args.port, log_level=args.log_level)).run()
+    return 0
+
+
+def _fast(
+    app: ASGIApp, *, log_level: str, host: str = "127.0.0.1", port: int = 0
+) -> uvicorn.Config:
+    """uvloop + httptools and no access log: measured as what the hot path needs."""
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+    )
+
+
+def check(args: argparse.Namespace) -> int:
+    registry = load_registry(args.config)
+    print(routing_table(registry))
+    return 0
+
+
+def routing_table(registry: Registry) -> str:
+    lines = [f"registry {registry.digest}: {len(registry.adapters)} adapters"]
+    for adapter in registry.adapters:
+        pool = registry.pool_of(adapter)
+        names = [adapter.name, *adapter.aliases]
+        mark = " (default)" if adapter.default else ""
+        lines.append(f"{' | '.join(names)}{mark} -> pool {adapter.pool} ({pool.protocol})")
+        for worker in pool.workers:
+            lines.append(f"    {worker.url}  max_concurrency={worker.max_concurrency}")
+    return "\n".join(lines)
+
+
+def sim_worker(args: argparse.Namespace) -> int:
+    config = SimConfig(
+        step_ms=args.step_ms,
+        concurrency=args.concurrency,
+        adapters=tuple(args.adapters.split(",")) if args.adapters else None,
+        adapter_load_ms=args.adapter_load_ms,
+        max_loaded_adapters=args.max_loaded_adapters,
+        fail_rate=args.fail_rate,
+        size=args.size,
+        rng_seed=args.seed,
+    )
+    app = create_sim_app(config)
+    uvicorn.Server(_fast(app, host=args.host, port=args.port, log_level="warning")).run()
+    return 0
+
+
+def generate(args: argparse.Namespace) -> int:
+    body = {
+        "prompt": args.prompt,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance,
+        "model": args.model,
+        "response_format": args.format,
+        "seed": args.seed,
+    }
+    started = time.perf_counter()
+    try:
+        resp = httpx.post(args.url + "/v1/images/generations", json=body, timeout=args.timeout)
+    except httpx.HTTPError as exc:
+        print(f"error: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 1
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    if resp.status_code != 200:
+        print(f"error: HTTP {resp.status_code}: {resp.text}", file=sys.stderr)
+        return 1
+    Path(args.out).write_bytes(base64.b64decode(resp.json()["image"]))
+    h = resp.headers
+    print(
+        f"wrote {args.out}  seed={h.get('x-seed')} cache={h.get('x-cache')} "
+        f"adapter={h.get('x-adapter')} time={elapsed_ms:.0f}ms"
+    )
+    return 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    """One sim worker per configured worker, each on a free loopback port, and the
+    gateway in this process serving the same registry pointed at them."""
+    registry = load_registry(args.config)
+    sock = _listen("127.0.0.1", args.port)
+    procs, registry = _start_sim_workers(registry, step_ms=args.step_ms)
+    try:
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        print(routing_table(registry))
+        print(f"\ngateway listening on {url}\n\n{_curl_example(url, registry)}\n", flush=True)
+        server = uvicorn.Server(_fast(create_app(registry), log_level="warning"))
+        asyncio.run(server.serve(sockets=[sock]))
+    finally:
+        for proc in procs:
+            stop(proc)
+        sock.close()
+    return 0
+
+
+def _start_sim_workers(
+    registry: Registry, *, step_ms: float
+) -> tuple[list[subprocess.Popen[bytes]], Registry]:
+    data = registry.model_dump(mode="json")
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for name, pool in data["pools"].items():
+            served = sorted(
+                {a.upstream_model for a in registry.adapters if a.pool == name and a.upstream_model}
+            )
+            for worker in pool["workers"]:
+                port = free_port()
+                worker["url"] = f"http://127.0.0.1:{port}"
+                slots = str(worker["max_concurrency"])
+                options = ["--step-ms", str(step_ms), "--concurrency", slots]
+                if served:
+                    options += ["--adapters", ",".join(map(str, served))]
+                procs.append(spawn(port, *options))
+                wait_healthy(worker["url"], proc=procs[-1])
+    except BaseException:
+        for proc in procs:
+            stop(proc)
+        raise
+    return procs, Registry.model_validate(data)
+
+
+def _curl_example(url: str, registry: Registry) -> str:
+    # A LoRA adapter shows routing best; the default adapter when there is none.
+    model = next((a.name for a in registry.adapters if a.upstream_model), registry.adapters[0].name)
+    body = json.dumps(
+        {
+            "prompt": "a red fox in the snow",
+            "num_inference_steps": 20,
+            "guidance_scale": 7.5,
+            "model": model,
+            "seed": 7,
+        }
+    )
+    decode = (
+        "python3 -c 'import sys,json,base64; "
+        'sys.stdout.buffer.write(base64.b64decode(json.load(sys.stdin)["image"]))\''
+    )
+    return (
+        f"try it:\n  curl -s {url}/v1/images/generations -H 'Content-Type: application/json' \\\n"
+        f"    -d '{body}' | {decode} > fox.jpg\n"
+        f"or:\n  gateway generate 'a red fox in the snow' --model {model} --seed 7 "
+        f"--out fox.jpg --url {url}\nCtrl-C stops the gateway and its workers."
+    )
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        msg = f"error: cannot listen on {host}:{port}: {exc.strerror} (try --port 0)"
+        raise SystemExit(msg) from exc
+    sock.listen(2048)
+    return sock
+
+
+def free_port() -> int:
+    """A port that was free a moment ago on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port

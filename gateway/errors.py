@@ -1,0 +1,148 @@
+"""The gateway's one exception tree, and the one place errors become responses.
+
+    GatewayError                       every error the gateway raises on purpose
+    ├── ConfigError                    adapters.yaml refused (never reaches a client)
+    └── RequestError                   ends a client's request; carries status + detail
+        ├── ValidationFailed   422     the body broke the schema (detail is a list)
+        ├── UnsupportedMediaType 415   the body is not JSON
+        ├── UnknownModel       404     `model` names no adapter (detail lists known ones)
+        ├── Overloaded         503     no capacity now; carries Retry-After
+        ├── UpstreamRejected   4xx     a worker refused the request's input
+        └── UpstreamError      502     no worker produced an image
+            ├── WorkerUnreachable 502  connection refused/reset before a response
+            ├── WorkerFailed      502  a worker answered 5xx (or 429)
+            └── UpstreamTimeout   504  a worker took longer than the pool's deadline
+
+Foreign exceptions (aiohttp, pydantic, OSError) are translated where they are caught,
+with `raise ... from exc`; `error_response` is the single table from error to HTTP.
+Messages name adapters, pools and worker names, never worker addresses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import ExceptionHandler
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway raises on purpose."""
+
+
+class ConfigError(GatewayError):
+    """The registry file was refused; the message names the file, line and key."""
+
+
+class RequestError(GatewayError):
+    status_code = 500
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail: Any = detail
+
+    def headers(self) -> Mapping[str, str]:
+        return {}
+
+
+class ValidationFailed(RequestError):
+    status_code = 422
+
+    def __init__(self, errors: Sequence[Mapping[str, Any]]) -> None:
+        super().__init__("request body is invalid")
+        self.detail = list(errors)
+
+
+class UnsupportedMediaType(RequestError):
+    status_code = 415
+
+
+class UnknownModel(RequestError):
+    status_code = 404
+
+    def __init__(self, model: str | None, known: Iterable[str]) -> None:
+        names = ", ".join(sorted(known))
+        if model is None:
+            msg = f"no model given and no default adapter configured; known models: {names}"
+        else:
+            msg = f"unknown model {model!r}; known models: {names}"
+        super().__init__(msg)
+
+
+class Overloaded(RequestError):
+    status_code = 503
+
+    def __init__(self, detail: str, *, retry_after_s: int) -> None:
+        super().__init__(detail)
+        self.retry_after_s = max(1, retry_after_s)
+
+    def headers(self) -> Mapping[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class UpstreamRejected(RequestError):
+    """A worker answered 4xx: the client's input, passed through with its status."""
+
+    def __init__(self, status_code: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status_code = status_code
+
+
+class UpstreamError(RequestError):
+    """No image from a worker. `reason` is a bounded word for metrics and logs."""
+
+    status_code = 502
+    reason = "error"
+
+    def __init__(self, detail: str, *, reason: str | None = None) -> None:
+        super().__init__(detail)
+        if reason is not None:
+            self.reason = reason
+
+
+class WorkerUnreachable(UpstreamError):
+    """The worker never saw the request (connect refused or timed out): safe to retry."""
+
+    reason = "connect"
+
+
+class WorkerFailed(UpstreamError):
+    """The worker answered 5xx or 429, or dropped the connection mid-request."""
+
+    reason = "status"
+
+
+class UpstreamTimeout(UpstreamError):
+    status_code = 504
+    reason = "timeout"
+
+
+def error_response(exc: RequestError) -> Response:
+    """The one table from error to HTTP: status and headers live on the class."""
+    return JSONResponse({"detail": exc.detail}, exc.status_code, headers=dict(exc.headers()))
+
+
+async def _request_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestError)
+    return error_response(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    # Starlette's own 404/405 and the like, in the same JSON shape as ours.
+    assert isinstance(exc, HTTPException)
+    return JSONResponse({"detail": exc.detail}, exc.status_code, headers=exc.headers)
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    # A bug: the traceback goes to the server log (uvicorn logs it), never to the client.
+    return JSONResponse({"detail": "internal error in the gateway"}, 500)
+
+
+EXCEPTION_HANDLERS: Mapping[Any, ExceptionHandler] = {
+    RequestError: _request_error,
+    HTTPException: _http_error,
+    Exception: _internal_error,
+}

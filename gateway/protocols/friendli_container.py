@@ -1,0 +1,71 @@
+"""The Friendli Container image API: `POST /v1/images/generations` -> `{"image": b64}`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+import aiohttp
+
+from gateway.errors import UpstreamRejected, UpstreamTimeout, WorkerFailed, WorkerUnreachable
+
+_JSON = {"Content-Type": "application/json"}
+_MAX_MESSAGE = 300
+
+
+class FriendliContainer:
+    name = "friendli-container"
+    path = "/v1/images/generations"
+    health_path = "/health"
+
+    async def generate(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        payload: bytes,
+        *,
+        worker: str,
+        timeout: aiohttp.ClientTimeout,
+        headers: Mapping[str, str],
+    ) -> bytes:
+        """The worker's success body, untouched; every failure as an UpstreamError."""
+        try:
+            async with session.post(
+                base_url + self.path,
+                data=payload,
+                headers={**_JSON, **headers},
+                timeout=timeout,
+                allow_redirects=False,
+            ) as resp:
+                body = await resp.read()
+                status = resp.status
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise WorkerUnreachable(f"worker {worker}: connect timed out") from exc
+        except TimeoutError as exc:
+            raise UpstreamTimeout(f"worker {worker}: no answer within {timeout.total}s") from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise WorkerUnreachable(f"worker {worker}: connection refused") from exc
+        except aiohttp.ClientError as exc:
+            raise WorkerFailed(f"worker {worker}: connection lost", reason="reset") from exc
+        if status == 200:
+            return body
+        return _raise_for(status, body, worker)
+
+
+def _raise_for(status: int, body: bytes, worker: str) -> bytes:
+    if 400 <= status < 500 and status not in (408, 429):
+        raise UpstreamRejected(status, f"worker rejected the request: {_message(body)}")
+    # A 5xx body may hold a traceback or internal names: it never reaches the client.
+    reason = "http_429" if status == 429 else f"http_{status // 100}xx"
+    raise WorkerFailed(f"worker {worker}: HTTP {status}", reason=reason)
+
+
+def _message(body: bytes) -> str:
+    """The worker's `detail` (or `message`) on one short line; never a traceback."""
+    try:
+        data = json.loads(body)
+        text = data.get("detail") or data.get("message") or data if isinstance(data, dict) else data
+    except ValueError:
+        text = body.decode("utf-8", "replace")
+    line = " ".join(str(text).split())
+    return line[:_MAX_MESSAGE] or "(no message)"

@@ -1,0 +1,190 @@
+"""adapters.yaml -> a frozen, validated `Registry`.
+
+A pool is a set of interchangeable GPU workers of one base model; an adapter is what a
+client's `model` names: a route to a pool, plus the LoRA name the workers know it by.
+The file is validated once, at start and at reload; a bad file is refused with a
+`ConfigError` naming the file, line and key, and the caller keeps the old registry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic.functional_validators import AfterValidator
+
+from gateway.errors import ConfigError, UnknownModel
+
+Loc = tuple[str | int, ...]
+
+
+def _worker_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"worker url must start with http:// or https://, got {url!r}")
+    if not parts.hostname:
+        raise ValueError(f"worker url has no host: {url!r}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"worker url must not have a query or fragment: {url!r}")
+    return url.rstrip("/")
+
+
+Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:/@+-]+$")]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class WorkerSpec(_Frozen):
+    url: Annotated[str, AfterValidator(_worker_url)]
+    max_concurrency: Annotated[int, Field(ge=1, le=1024)] = 1
+    weight: Annotated[float, Field(gt=0, le=1000)] = 1.0
+    adapters: tuple[Name, ...] = ()  # LoRA adapters already loaded at start (warm)
+
+
+class PoolSpec(_Frozen):
+    protocol: Literal["friendli-container"] = "friendli-container"
+    workers: Annotated[tuple[WorkerSpec, ...], Field(min_length=1)]
+    timeout_s: Annotated[float, Field(gt=0, le=3600)] = 120.0
+    connect_timeout_s: Annotated[float, Field(gt=0, le=60)] = 2.0
+
+
+class AdapterSpec(_Frozen):
+    name: Name
+    pool: Name
+    upstream_model: Name | None = None  # the LoRA name on the workers; None = base model
+    aliases: tuple[Name, ...] = ()
+    default: bool = False
+    ignore: tuple[Literal["guidance_scale"], ...] = ()  # inputs that never change the image
+    revision: Annotated[str, Field(min_length=1, max_length=64)] = "1"
+
+
+class Registry(_Frozen):
+    pools: Mapping[Name, PoolSpec]
+    adapters: Annotated[tuple[AdapterSpec, ...], Field(min_length=1)]
+    digest: str = ""  # sha256 prefix of the file's text: which registry is serving
+
+    _routes: dict[str, AdapterSpec] = PrivateAttr(default_factory=dict)
+    _default: AdapterSpec | None = PrivateAttr(default=None)
+
+    def model_post_init(self, context: Any, /) -> None:
+        for adapter in self.adapters:
+            for key in (adapter.name, *adapter.aliases):
+                self._routes[key] = adapter
+            if adapter.default:
+                self._default = adapter
+
+    def resolve(self, model: str | None) -> AdapterSpec:
+        """`model` -> adapter, by name or alias; None -> the default adapter."""
+        adapter = self._default if model is None else self._routes.get(model)
+        if adapter is None:
+            raise UnknownModel(model, self.model_names())
+        return adapter
+
+    def model_names(self) -> list[str]:
+        return [adapter.name for adapter in self.adapters]
+
+    def pool_of(self, adapter: AdapterSpec) -> PoolSpec:
+        return self.pools[adapter.pool]
+
+
+def load_registry(path: str | Path) -> Registry:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    return parse_registry(text, source=str(path))
+
+
+def parse_registry(text: str, *, source: str = "<adapters.yaml>") -> Registry:
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+    if root is not None:
+        _refuse_duplicate_keys(root, source)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping with 'pools' and 'adapters'")
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    try:
+        registry = Registry.model_validate({**data, "digest": digest})
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        raise ConfigError(_where(source, root, err["loc"], err["msg"])) from exc
+    for loc, msg in _cross_check(registry):
+        raise ConfigError(_where(source, root, loc, msg))
+    return registry
+
+
+def _cross_check(registry: Registry) -> Iterator[tuple[Loc, str]]:
+    """The rules that span keys: names unique, pools exist, one default at most."""
+    seen: dict[str, str] = {}
+    defaults: list[str] = []
+    for i, adapter in enumerate(registry.adapters):
+        if adapter.pool not in registry.pools:
+            known = ", ".join(sorted(registry.pools))
+            yield ("adapters", i, "pool"), f"unknown pool {adapter.pool!r} (pools: {known})"
+        for j, key in enumerate((adapter.name, *adapter.aliases)):
+            loc: Loc = ("adapters", i, "name") if j == 0 else ("adapters", i, "aliases", j - 1)
+            if key in seen:
+                yield loc, f"{key!r} is already used by {seen[key]}"
+            seen[key] = f"adapter {adapter.name!r}" if j == 0 else f"an alias of {adapter.name!r}"
+        if adapter.default:
+            defaults.append(adapter.name)
+            if len(defaults) > 1:
+                both = f"{defaults[0]!r} and {adapter.name!r}"
+                yield ("adapters", i, "default"), f"two default adapters: {both}"
+    for name, pool in registry.pools.items():
+        urls = [worker.url for worker in pool.workers]
+        for k, url in enumerate(urls):
+            if url in urls[:k]:
+                yield ("pools", name, "workers", k, "url"), f"worker {url!r} is listed twice"
+
+
+def _where(source: str, root: yaml.Node | None, loc: Loc, msg: str) -> str:
+    key = ".".join(str(part) for part in loc if part != "digest") or "(top level)"
+    line = _line_of(root, loc)
+    at = f"{source}:{line}" if line else source
+    return f"{at}: {key}: {msg}"
+
+
+def _line_of(node: yaml.Node | None, loc: Loc) -> int | None:
+    """The 1-based line of the deepest node of `loc` that exists in the file."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        child = _child(node, part)
+        if child is None:
+            break
+        node, line = child, child.start_mark.line + 1
+    return line
+
+
+def _child(node: yaml.Node | None, part: str | int) -> yaml.Node | None:
+    if isinstance(node, yaml.MappingNode):
+        return next((v for k, v in node.value if k.value == str(part)), None)
+    if isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+        child: yaml.Node = node.value[part]
+        return child
+    return None
+
+
+def _refuse_duplicate_keys(node: yaml.Node, source: str) -> None:
+    # YAML lets a later key silently replace an earlier one; a registry must not.
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key, value in node.value:
+            if key.value in seen:
+                line = key.start_mark.line + 1
+                raise ConfigError(f"{source}:{line}: {key.value}: duplicate key")
+            seen.add(key.value)
+            _refuse_duplicate_keys(value, source)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_duplicate_keys(item, source)

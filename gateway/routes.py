@@ -1,0 +1,86 @@
+"""The HTTP endpoints: a request in, a pipeline call, a response out.
+
+Handlers read their dependencies from `request.app.state` (set by the lifespan) and
+raise `gateway.errors` exceptions; `app.py` turns those into responses in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from gateway.errors import UnsupportedMediaType, ValidationFailed
+from gateway.pipeline import Pipeline
+from gateway.schema import ImageGenerationBody, error_list
+
+
+async def generate_image(request: Request) -> Response:
+    body = await _parse_body(request)
+    pipeline: Pipeline = request.app.state.pipeline
+    result = await pipeline.generate(body, request_id=request.state.request_id)
+    headers = {"X-Seed": str(result.seed), "X-Cache": result.cache, "X-Adapter": result.adapter}
+    # The worker's bytes as they came: never parsed, never re-encoded.
+    return Response(result.body, media_type="application/json", headers=headers)
+
+
+async def _parse_body(request: Request) -> ImageGenerationBody:
+    content_type = request.headers.get("content-type", "application/json")
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise UnsupportedMediaType(
+            f"Content-Type must be application/json, got {media_type or 'nothing'!r}"
+        )
+    try:
+        return ImageGenerationBody.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise ValidationFailed(error_list(exc)) from exc
+
+
+async def list_models(request: Request) -> Response:
+    pipeline: Pipeline = request.app.state.pipeline
+    registry = pipeline.registry
+    data: list[dict[str, Any]] = [
+        {
+            "id": adapter.name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "image-gateway",
+            "pool": adapter.pool,
+            "aliases": list(adapter.aliases),
+            "default": adapter.default,
+        }
+        for adapter in registry.adapters
+    ]
+    return JSONResponse({"object": "list", "data": data})
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """Ready when the registry is loaded and every adapter has a healthy worker."""
+    pipeline: Pipeline | None = getattr(request.app.state, "pipeline", None)
+    if pipeline is None:
+        return JSONResponse({"status": "starting"}, 503)
+    balancer, registry = pipeline.balancer, pipeline.registry
+    unserved = sorted(
+        adapter.name
+        for adapter in registry.adapters
+        if balancer.pool(adapter.pool).healthy_count() == 0
+    )
+    if unserved:
+        return JSONResponse({"status": "unready", "adapters_without_workers": unserved}, 503)
+    return JSONResponse({"status": "ready", "registry": registry.digest})
+
+
+ROUTES = [
+    Route("/v1/images/generations", generate_image, methods=["POST"]),
+    Route("/v1/models", list_models, methods=["GET"]),
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
+]

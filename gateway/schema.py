@@ -1,0 +1,94 @@
+"""Request and response bodies of the image API, and the 422 error shape.
+
+`ImageGenerationBody` is Friendli Container's `ContainerImageGenerationBody`: an
+existing client pointed at the gateway works unchanged. The simulator imports this
+module (and nothing else from the gateway), so both sides agree on one contract.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError
+from pydantic.functional_validators import AfterValidator
+
+MAX_SEED = 2**32 - 1
+DEFAULT_FORMAT: Literal["jpeg"] = "jpeg"
+
+ResponseFormat = Literal["raw", "jpeg"]
+
+
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("prompt must contain non-whitespace text")
+    return text
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError("guidance_scale must be a finite number")
+    return float(value)
+
+
+Prompt = Annotated[str, Field(min_length=1), AfterValidator(_not_blank)]
+Steps = Annotated[StrictInt, Field(ge=1, le=50)]
+# StrictFloat takes JSON integers (7 -> 7.0) but never strings or booleans.
+Guidance = Annotated[StrictFloat, AfterValidator(_finite)]
+Seed = Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]
+
+
+class ImageGenerationBody(BaseModel):
+    """What a client sends. Unknown fields are dropped here and never forwarded."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    prompt: Prompt
+    num_inference_steps: Steps
+    guidance_scale: Guidance
+    model: str | None = None
+    response_format: ResponseFormat | None = None
+    seed: Seed | None = None
+
+
+class WorkerRequest(BaseModel):
+    """What the gateway sends a worker: every optional field decided, nothing else."""
+
+    model_config = ConfigDict(frozen=True)
+
+    prompt: str
+    num_inference_steps: int
+    guidance_scale: float
+    model: str | None
+    response_format: ResponseFormat
+    seed: int
+
+    @classmethod
+    def from_body(cls, body: ImageGenerationBody, *, upstream_model: str | None) -> WorkerRequest:
+        return cls(
+            prompt=body.prompt,
+            num_inference_steps=body.num_inference_steps,
+            guidance_scale=body.guidance_scale,
+            model=upstream_model,
+            response_format=body.response_format or DEFAULT_FORMAT,
+            seed=new_seed() if body.seed is None else body.seed,
+        )
+
+
+class ImageResponse(BaseModel):
+    """A success: base64 of the image bytes (JPEG, or PNG for `raw`)."""
+
+    image: str
+
+
+def new_seed() -> int:
+    return secrets.randbelow(MAX_SEED + 1)
+
+
+def error_list(exc: ValidationError) -> list[dict[str, Any]]:
+    """pydantic's errors in FastAPI's shape: `{loc: ["body", field...], msg, type}`."""
+    return [
+        {"loc": ["body", *err["loc"]], "msg": err["msg"], "type": err["type"]}
+        for err in exc.errors(include_url=False, include_input=False, include_context=False)
+    ]
