@@ -190,15 +190,19 @@ def spawn(port: int, *options: str, host: str = "127.0.0.1") -> subprocess.Popen
 
 
 def wait_healthy(
-    url: str, *, timeout_s: float = 20.0, proc: subprocess.Popen[bytes] | None = None
+    url: str,
+    *,
+    timeout_s: float = 20.0,
+    proc: subprocess.Popen[bytes] | None = None,
+    path: str = "/health",
 ) -> None:
-    """Block until `url` + /health answers 200; fail fast if the process died."""
+    """Block until `url` + `path` answers 200; fail fast if the process died."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"{url}: process exited with code {proc.returncode}")
         try:
-            if httpx.get(url + "/health", timeout=1.0).status_code == 200:
+            if httpx.get(url + path, timeout=1.0).status_code == 200:
                 return
         except httpx.TransportError:
             pass
