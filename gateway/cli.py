@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import base64
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -189,6 +190,9 @@ def demo(args: argparse.Namespace) -> int:
         print(routing_table(registry))
         print(f"\ngateway listening on {url}\n\n{_curl_example(url, registry)}\n", flush=True)
         server = uvicorn.Server(_fast(create_app(registry), log_level="warning"))
+        # uvicorn re-raises SIGTERM after its own shutdown; exit through `finally` then,
+        # so the sim workers are stopped rather than orphaned.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         asyncio.run(server.serve(sockets=[sock]))
     finally:
         for proc in procs:

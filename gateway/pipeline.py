@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from gateway.balancer import Balancer, Pool, Worker
-from gateway.errors import UpstreamError, WorkerUnreachable
+from gateway.errors import UpstreamError, UpstreamRejected, WorkerUnreachable
 from gateway.protocols import protocol_for
 from gateway.registry import Registry
 from gateway.schema import ImageGenerationBody, WorkerRequest
@@ -45,7 +45,7 @@ class Pipeline:
         pool = self.balancer.pool(adapter.pool)
         try:
             image, worker = await self._forward(pool, job, {"X-Request-ID": request_id})
-        except UpstreamError as exc:
+        except (UpstreamError, UpstreamRejected) as exc:
             exc.detail = f"adapter {adapter.name!r}: {exc.detail}"
             raise
         return Generation(image, job.seed, adapter.name, "bypass", worker.name)

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import yaml
 from aiohttp import web
+from starlette.applications import Starlette
 
 from gateway.app import create_app
 from gateway.cli import free_port
@@ -81,13 +82,20 @@ def make_registry(
 
 
 @asynccontextmanager
-async def gateway_client(registry: Registry) -> AsyncIterator[httpx.AsyncClient]:
-    """The gateway app in memory (lifespan run), driven through httpx.ASGITransport."""
+async def gateway_app(registry: Registry) -> AsyncIterator[tuple[Starlette, httpx.AsyncClient]]:
+    """The gateway app in memory (lifespan run) and a client driving it through
+    httpx.ASGITransport; the app, to look at its state."""
     app = create_app(registry)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
-            yield client
+            yield app, client
+
+
+@asynccontextmanager
+async def gateway_client(registry: Registry) -> AsyncIterator[httpx.AsyncClient]:
+    async with gateway_app(registry) as (_, client):
+        yield client
 
 
 def body(**overrides: Any) -> dict[str, Any]:
