@@ -185,5 +185,5 @@ class Metrics:
         if path is None:
             return generate_latest(self.registry)
         merged = CollectorRegistry()
-        multiprocess.MultiProcessCollector(merged, path=path)
+        multiprocess.MultiProcessCollector(merged, path=path)  # type: ignore[no-untyped-call]
         return generate_latest(merged)
