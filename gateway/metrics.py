@@ -14,6 +14,7 @@ cleaned by `serve`) and `exposition()` aggregates every process.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -36,6 +37,21 @@ OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
 CACHE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 
 
+@dataclass(slots=True)
+class Trace:
+    """What one request did, filled in step by step by the pipeline, read once at the
+    end by the access log and the request metrics."""
+
+    adapter: str = UNKNOWN_ADAPTER
+    pool: str = ""
+    worker: str = ""
+    cache: str = ""
+    seed: int | None = None
+    upstream_s: float = 0.0  # waiting on workers (or on an identical request's generation)
+    queue_s: float = 0.0  # waiting for a free worker slot
+    prompt: str | None = None  # only where the registry says log_prompts: true
+
+
 def multiprocess_dir() -> str | None:
     return os.environ.get(MULTIPROC_ENV) or None
 
@@ -43,6 +59,7 @@ def multiprocess_dir() -> str | None:
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
+        self._revision: str | None = None
         self.requests = Counter(
             "gateway_requests",
             "Generation requests answered, by adapter and HTTP status.",
@@ -166,9 +183,17 @@ class Metrics:
             multiprocess_mode="livemax",
         )
 
+    def observe_request(self, trace: Trace, status: int, elapsed_s: float) -> None:
+        self.requests.labels(trace.adapter, str(status)).inc()
+        self.request_duration.labels(trace.adapter).observe(elapsed_s)
+        self.overhead.observe(max(0.0, elapsed_s - trace.upstream_s - trace.queue_s))
+
     def set_registry(self, revision: str) -> None:
-        self.registry_info.clear()
+        # Zero the old series rather than clear(): clear() is not multiprocess-safe.
+        if self._revision is not None:
+            self.registry_info.labels(self._revision).set(0)
         self.registry_info.labels(revision).set(1)
+        self._revision = revision
 
     def exposed_names(self) -> set[str]:
         """Every series name /metrics can show (what alert rules and dashboards may use)."""

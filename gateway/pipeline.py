@@ -9,6 +9,7 @@ Each step is one neighbour's job; this module only puts them in order.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ import aiohttp
 
 from gateway.balancer import Balancer, Pool, Worker
 from gateway.errors import UpstreamError, UpstreamRejected, WorkerUnreachable
+from gateway.metrics import Trace
 from gateway.protocols import protocol_for
 from gateway.registry import Registry
 from gateway.schema import ImageGenerationBody, WorkerRequest
@@ -38,16 +40,31 @@ class Pipeline:
         self.balancer = balancer
         self.session = session
 
-    async def generate(self, body: ImageGenerationBody, *, request_id: str) -> Generation:
+    def use_registry(self, registry: Registry) -> None:
+        """A reload: requests in flight finish on the registry they started with."""
+        self.balancer.update(registry)
+        self.registry = registry
+
+    async def generate(
+        self, body: ImageGenerationBody, *, request_id: str, trace: Trace
+    ) -> Generation:
         registry = self.registry
         adapter = registry.resolve(body.model)
+        trace.adapter, trace.pool = adapter.name, adapter.pool
+        if registry.log_prompts:
+            trace.prompt = body.prompt
         job = WorkerRequest.from_body(body, upstream_model=adapter.upstream_model)
+        trace.seed = job.seed
         pool = self.balancer.pool(adapter.pool)
+        started = time.perf_counter()
         try:
             image, worker = await self._forward(pool, job, {"X-Request-ID": request_id})
         except (UpstreamError, UpstreamRejected) as exc:
             exc.detail = f"adapter {adapter.name!r}: {exc.detail}"
             raise
+        finally:
+            trace.upstream_s = time.perf_counter() - started
+        trace.worker, trace.cache = worker.name, "bypass"
         return Generation(image, job.seed, adapter.name, "bypass", worker.name)
 
     async def _forward(
