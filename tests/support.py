@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import pytest
 import yaml
 from aiohttp import web
 from starlette.applications import Starlette
@@ -179,3 +181,15 @@ def gateway_process(config_path: str, *extra: str) -> Iterator[str]:
         yield url
     finally:
         stop(proc)
+
+
+PROMETHEUS_INSTALL = "install prometheus (apt-get install -y prometheus)"
+
+
+def prometheus_tool(name: str) -> str:
+    """`prometheus` or `promtool` (both from Debian's `prometheus`): a missing one fails
+    the test, never skips it, so a machine without them cannot pass in silence."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} not found: {PROMETHEUS_INSTALL}")
+    return path
