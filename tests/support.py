@@ -13,6 +13,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -193,3 +194,34 @@ def prometheus_tool(name: str) -> str:
     if path is None:
         pytest.fail(f"{name} not found: {PROMETHEUS_INSTALL}")
     return path
+
+
+@contextmanager
+def prometheus_server(config: str, workdir: Path) -> Iterator[str]:
+    """The real Prometheus server with `config` (prometheus.yml text) on a free loopback
+    port; yields its base URL. Its TSDB lives under `workdir` and is removed at exit."""
+    binary = prometheus_tool("prometheus")
+    (workdir / "prometheus.yml").write_text(config)
+    data, log_path = workdir / "prometheus-data", workdir / "prometheus.log"
+    port = free_port()
+    cmd = [
+        binary,
+        f"--config.file={workdir / 'prometheus.yml'}",
+        f"--storage.tsdb.path={data}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--log.level=warn",
+    ]
+    url = f"http://127.0.0.1:{port}"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        try:
+            try:
+                wait_healthy(url, proc=proc, path="/-/ready", timeout_s=30)
+            except (RuntimeError, TimeoutError) as exc:
+                raise RuntimeError(
+                    f"prometheus did not start: {exc}\n{log_path.read_text()}"
+                ) from exc
+            yield url
+        finally:
+            stop(proc, grace_s=10)
+            shutil.rmtree(data, ignore_errors=True)
