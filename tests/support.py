@@ -171,3 +171,16 @@ def gateway_process(config_path: str, *extra: str) -> Iterator[str]:
         yield url
     finally:
         stop(proc)
+
+
+class FakeClock:
+    """Time that moves only when the test says: `clock()` reads it."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
