@@ -212,6 +212,16 @@ def test_takes_a_free_cold_worker_when_the_warm_one_is_far_off() -> None:
     assert pool.workers[1].stats.adapter_loads == 1
 
 
+def test_a_waiter_for_a_warm_worker_leaves_the_free_slot_to_others() -> None:
+    clock = FakeClock()
+    pool, _busy = warm_busy_pool(clock)
+    clock.advance(1.5)
+    waiter = submit(pool, "a")
+    other = submit(pool, "b")
+    assert waiter.worker is None
+    assert other.worker is pool.workers[1], "no GPU idles while someone could use it"
+
+
 def test_affinity_bound_when_waiting_for_a_warm_worker() -> None:
     """The warm worker overruns: the waiter takes the cold one exactly
     adapter_load_s after it first chose to wait, never later."""
