@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from gateway.balancer import Balancer, Ticket
+from gateway.cli import routing_table
 from gateway.discovery import Discovery, FakeResolver, resolve_dns
 from gateway.registry import Registry, parse_registry
 from tests.support import FakeClock, body, gateway, image_ok, scripted_worker
@@ -89,3 +90,8 @@ async def test_a_pool_with_no_records_yet_is_not_ready() -> None:
         resp = await gw.client.get("/readyz")
     assert resp.status_code == 503
     assert resp.json()["adapters_without_workers"] == ["base"]
+
+
+def test_check_shows_where_a_pools_workers_come_from() -> None:
+    table = routing_table(dns_registry())
+    assert "every A/AAAA record of http://workers.test:8000, every 10s" in table
