@@ -135,14 +135,19 @@ def test_a_warm_worker_is_preferred_and_the_lru_is_seeded_and_bounded() -> None:
     assert pool.stats.adapter_loads == 1
 
 
-def test_ties_never_favour_the_first_worker() -> None:
-    pool = make_pool(urls(3), FakeClock())
+def choices_when_idle(pool: Pool, n: int) -> Counter[str]:
+    """Which worker each of `n` requests gets, each alone in the pool."""
     chosen: Counter[str] = Counter()
-    for _ in range(3000):
+    for _ in range(n):
         ticket = submit(pool)
         assert ticket.worker is not None
         chosen[ticket.worker.name] += 1
         pool.release(ticket, "ok")
+    return chosen
+
+
+def test_ties_never_favour_the_first_worker() -> None:
+    chosen = choices_when_idle(make_pool(urls(3), FakeClock()), 3000)
     assert min(chosen.values()) > 800, chosen
 
 
@@ -151,13 +156,7 @@ def test_weight_sets_the_share_among_idle_workers() -> None:
         {"url": urls(2)[0], "weight": 3},
         {"url": urls(2)[1], "weight": 1},
     ]
-    pool = make_pool(specs, FakeClock())
-    chosen: Counter[str] = Counter()
-    for _ in range(4000):
-        ticket = submit(pool)
-        assert ticket.worker is not None
-        chosen[ticket.worker.name] += 1
-        pool.release(ticket, "ok")
+    chosen = choices_when_idle(make_pool(specs, FakeClock()), 4000)
     # Two workers are always the two choices; the tie (both idle) goes 3:1 by weight.
     assert 0.68 < chosen["p-0"] / 4000 < 0.82, chosen
 
