@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from gateway.balancer import Balancer, Pool, Worker
-from gateway.errors import UpstreamError, UpstreamRejected, WorkerUnreachable
+from gateway.errors import UpstreamError, UpstreamRejected
 from gateway.metrics import Trace
 from gateway.protocols import protocol_for
 from gateway.registry import Registry
@@ -46,8 +46,10 @@ class Pipeline:
         self.registry = registry
 
     async def generate(
-        self, body: ImageGenerationBody, *, request_id: str, trace: Trace
+        self, body: ImageGenerationBody, *, request_id: str, trace: Trace | None = None
     ) -> Generation:
+        """`trace` collects what happened, for the access log and metrics."""
+        trace = trace or Trace()
         registry = self.registry
         adapter = registry.resolve(body.model)
         trace.adapter, trace.pool = adapter.name, adapter.pool
@@ -70,27 +72,25 @@ class Pipeline:
     async def _forward(
         self, pool: Pool, job: WorkerRequest, headers: Mapping[str, str]
     ) -> tuple[bytes, Worker]:
-        """Try workers in balancer order; a worker that never saw the job is skipped."""
+        """Admit into the pool, pick a worker, send; retry elsewhere as the pool allows."""
         protocol = protocol_for(pool.spec.protocol)
         payload = job.model_dump_json().encode()
-        timeout = aiohttp.ClientTimeout(
-            total=pool.spec.timeout_s, sock_connect=pool.spec.connect_timeout_s
-        )
-        tried: list[Worker] = []
-        last: UpstreamError = WorkerUnreachable(f"pool {pool.name!r} has no healthy worker")
-        while (worker := pool.choose(exclude=tried)) is not None:
-            tried.append(worker)
-            async with pool.slot(worker):
-                try:
-                    image = await protocol.generate(
-                        self.session,
-                        worker.url,
-                        payload,
-                        worker=worker.name,
-                        timeout=timeout,
-                        headers=headers,
+        with pool.attempt(adapter=job.model) as attempt:
+            while True:
+                async with attempt.slot() as worker:
+                    timeout = aiohttp.ClientTimeout(
+                        total=attempt.try_timeout_s(), sock_connect=pool.spec.connect_timeout_s
                     )
+                    try:
+                        image = await protocol.generate(
+                            self.session,
+                            worker.url,
+                            payload,
+                            worker=worker.name,
+                            timeout=timeout,
+                            headers=headers,
+                        )
+                    except UpstreamError as exc:
+                        attempt.retry_or_raise(exc)
+                        continue
                     return image, worker
-                except WorkerUnreachable as exc:
-                    last = exc
-        raise last

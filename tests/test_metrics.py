@@ -12,7 +12,7 @@ from tests.support import (
     SimWorker,
     body,
     dead_url,
-    gateway_app,
+    gateway,
     gateway_process,
     make_registry,
     registry_yaml,
@@ -33,7 +33,8 @@ def value(text: str, name: str, **labels: str) -> float:
 
 async def test_requests_are_counted_by_adapter_and_status(fast_sims: list[SimWorker]) -> None:
     registry = make_registry({"p": [s.url for s in fast_sims], "dead": [dead_url()]})
-    async with gateway_app(registry) as (_, client):
+    async with gateway(registry) as gw:
+        client = gw.client
         for model in ("p", "p", "dead", "no-such-model"):
             await client.post("/v1/images/generations", json=body(model=model))
         await client.post("/v1/images/generations", json=body(num_inference_steps=0))
