@@ -55,11 +55,13 @@ def create_app(
             discovery = Discovery(balancer=balancer, resolver=resolver, clock=clock)
             await discovery.refresh_due()  # DNS pools start with their workers, if any
             prober = Prober(balancer=balancer, session=session, clock=clock)
-            pipeline = Pipeline(registry=registry, balancer=balancer, session=session)
+            pipeline = Pipeline(
+                registry=registry, balancer=balancer, session=session, metrics=metrics
+            )
             reloader = _reloader(source, pipeline, metrics)
             app.state.pipeline, app.state.reloader = pipeline, reloader
             metrics.set_registry(registry.digest)
-            jobs = [prober.run(), discovery.run()]
+            jobs = [prober.run(), discovery.run(), _sync_metrics(metrics, pipeline)]
             if reloader is not None:
                 jobs.append(reloader.watch(every_s=reload_every_s))
             async with _background(*jobs), _signals(reloader, drain, enabled=signals):
@@ -86,6 +88,13 @@ def _reloader(source: RegistryFile | None, pipeline: Pipeline, metrics: Metrics)
     return Reloader(
         source, current=lambda: pipeline.registry, apply=pipeline.use_registry, metrics=metrics
     )
+
+
+async def _sync_metrics(metrics: Metrics, pipeline: Pipeline, every_s: float = 1.0) -> None:
+    """Live balancer state into the metrics, in every process (see Metrics.sync_balancer)."""
+    while True:
+        metrics.sync_balancer(pipeline.balancer)
+        await asyncio.sleep(every_s)
 
 
 @asynccontextmanager

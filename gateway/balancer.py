@@ -523,6 +523,11 @@ class Attempt:
             raise
         self.pool.release(ticket, "ok")
 
+    def waited_s(self) -> float:
+        """How long the try now holding a slot waited in the queue for it."""
+        ticket = self._ticket
+        return 0.0 if ticket is None else max(0.0, ticket.granted_at - ticket.queued_at)
+
     def try_timeout_s(self) -> float:
         left = self.deadline - self.pool.clock()
         per_try = self.pool.spec.per_try_timeout_s

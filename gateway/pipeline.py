@@ -17,7 +17,7 @@ import aiohttp
 
 from gateway.balancer import Balancer, Pool, Worker
 from gateway.errors import UpstreamError, UpstreamRejected
-from gateway.metrics import Trace
+from gateway.metrics import Metrics, Trace
 from gateway.protocols import protocol_for
 from gateway.registry import Registry
 from gateway.schema import ImageGenerationBody, WorkerRequest
@@ -34,11 +34,17 @@ class Generation:
 
 class Pipeline:
     def __init__(
-        self, *, registry: Registry, balancer: Balancer, session: aiohttp.ClientSession
+        self,
+        *,
+        registry: Registry,
+        balancer: Balancer,
+        session: aiohttp.ClientSession,
+        metrics: Metrics | None = None,
     ) -> None:
         self.registry = registry  # replaced whole on reload; each request reads it once
         self.balancer = balancer
         self.session = session
+        self.metrics = metrics or Metrics()
 
     def use_registry(self, registry: Registry) -> None:
         """A reload: requests in flight finish on the registry they started with."""
@@ -58,19 +64,16 @@ class Pipeline:
         job = WorkerRequest.from_body(body, upstream_model=adapter.upstream_model)
         trace.seed = job.seed
         pool = self.balancer.pool(adapter.pool)
-        started = time.perf_counter()
         try:
-            image, worker = await self._forward(pool, job, {"X-Request-ID": request_id})
+            image, worker = await self._forward(pool, job, {"X-Request-ID": request_id}, trace)
         except (UpstreamError, UpstreamRejected) as exc:
             exc.detail = f"adapter {adapter.name!r}: {exc.detail}"
             raise
-        finally:
-            trace.upstream_s = time.perf_counter() - started
         trace.worker, trace.cache = worker.name, "bypass"
         return Generation(image, job.seed, adapter.name, "bypass", worker.name)
 
     async def _forward(
-        self, pool: Pool, job: WorkerRequest, headers: Mapping[str, str]
+        self, pool: Pool, job: WorkerRequest, headers: Mapping[str, str], trace: Trace
     ) -> tuple[bytes, Worker]:
         """Admit into the pool, pick a worker, send; retry elsewhere as the pool allows."""
         protocol = protocol_for(pool.spec.protocol)
@@ -78,9 +81,11 @@ class Pipeline:
         with pool.attempt(adapter=job.model) as attempt:
             while True:
                 async with attempt.slot() as worker:
+                    trace.queue_s += self.metrics.observe_queue_wait(pool.name, attempt.waited_s())
                     timeout = aiohttp.ClientTimeout(
                         total=attempt.try_timeout_s(), sock_connect=pool.spec.connect_timeout_s
                     )
+                    started = time.perf_counter()
                     try:
                         image = await protocol.generate(
                             self.session,
@@ -91,6 +96,11 @@ class Pipeline:
                             headers=headers,
                         )
                     except UpstreamError as exc:
+                        trace.upstream_s += self.metrics.observe_try(
+                            pool.name, worker.name, started, exc
+                        )
                         attempt.retry_or_raise(exc)
+                        self.metrics.retries.labels(pool.name, exc.reason).inc()
                         continue
+                    trace.upstream_s += self.metrics.observe_try(pool.name, worker.name, started)
                     return image, worker

@@ -119,6 +119,9 @@ async def readyz(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     metrics: Metrics = request.app.state.metrics
+    pipeline: Pipeline | None = getattr(request.app.state, "pipeline", None)
+    if pipeline is not None:
+        metrics.sync_balancer(pipeline.balancer)  # this process's state, as of now
     return Response(metrics.exposition(), media_type=CONTENT_TYPE)
 
 
