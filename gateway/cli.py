@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import copy
 import json
 import signal
 import socket
@@ -13,6 +14,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 import uvicorn
@@ -20,7 +22,8 @@ from starlette.types import ASGIApp
 
 from gateway.app import create_app
 from gateway.errors import ConfigError
-from gateway.registry import Registry, load_registry
+from gateway.registry import LimitsSpec, Registry, load_registry
+from gateway.server import bounded_protocol
 from gateway.simworker import SimConfig, create_sim_app, spawn, stop, wait_healthy
 
 
@@ -89,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default="http://127.0.0.1:8080")
     p.add_argument("--timeout", type=float, default=300.0)
     p.set_defaults(run=generate)
+
     return parser
 
 
@@ -97,24 +101,54 @@ def _config_arg(p: argparse.ArgumentParser) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    app = create_app(load_registry(args.config))
-    uvicorn.Server(_fast(app, host=args.host, port=args.port, log_level=args.log_level)).run()
+    registry = load_registry(args.config)
+    config = _fast(
+        create_app(registry),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        max_header_bytes=registry.limits.max_header_bytes,
+    )
+    uvicorn.Server(config).run()
     return 0
 
 
 def _fast(
-    app: ASGIApp, *, log_level: str, host: str = "127.0.0.1", port: int = 0
+    app: ASGIApp,
+    *,
+    log_level: str,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    max_header_bytes: int = LimitsSpec().max_header_bytes,
+    configure_logging: bool = True,
 ) -> uvicorn.Config:
-    """uvloop + httptools and no access log: measured as what the hot path needs."""
+    """uvloop + httptools and no access log: measured as what the hot path needs.
+    httptools bounded in head size (see server.py); no `Server` header, which would
+    only tell a scanner what to try. `configure_logging=False` leaves the process's
+    logging as it is (for a server inside a test run)."""
     return uvicorn.Config(
         app,
         host=host,
         port=port,
         log_level=log_level,
+        log_config=_log_config(log_level) if configure_logging else None,
         loop="uvloop",
-        http="httptools",
+        http=bounded_protocol(max_header_bytes),
         access_log=False,
+        server_header=False,
     )
+
+
+def _log_config(log_level: str) -> dict[str, Any]:
+    """uvicorn's logging, and the gateway's own loggers (`gateway.*`) through the same
+    handler at the same level."""
+    config: dict[str, Any] = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["loggers"]["gateway"] = {
+        "handlers": ["default"],
+        "level": log_level.upper(),
+        "propagate": False,
+    }
+    return config
 
 
 def check(args: argparse.Namespace) -> int:
@@ -189,7 +223,12 @@ def demo(args: argparse.Namespace) -> int:
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         print(routing_table(registry))
         print(f"\ngateway listening on {url}\n\n{_curl_example(url, registry)}\n", flush=True)
-        server = uvicorn.Server(_fast(create_app(registry), log_level="warning"))
+        config = _fast(
+            create_app(registry),
+            log_level="warning",
+            max_header_bytes=registry.limits.max_header_bytes,
+        )
+        server = uvicorn.Server(config)
         # uvicorn re-raises SIGTERM after its own shutdown; exit through `finally` then,
         # so the sim workers are stopped rather than orphaned.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

@@ -9,18 +9,19 @@ import asyncio
 import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import uvicorn
 import yaml
 from aiohttp import web
 from starlette.applications import Starlette
 
 from gateway.app import create_app
-from gateway.cli import free_port
+from gateway.cli import _fast, free_port
 from gateway.registry import Registry, parse_registry
 from gateway.simworker import spawn, stop, wait_healthy
 
@@ -53,11 +54,14 @@ def sim_workers(*option_lists: Sequence[str]) -> Iterator[list[SimWorker]]:
 
 
 def registry_yaml(
-    pools: dict[str, Sequence[str | dict[str, Any]]],
+    pools: Mapping[str, Sequence[str | dict[str, Any]]],
     adapters: Sequence[dict[str, Any]] | None = None,
+    *,
+    sections: Mapping[str, Any] | None = None,
     **pool_options: Any,
 ) -> str:
-    """adapters.yaml text: each pool's workers by URL (or full dict), same options each."""
+    """adapters.yaml text: each pool's workers by URL (or full dict), same options each;
+    `sections` adds top-level sections (`auth`, `limits`)."""
     data: dict[str, Any] = {
         "pools": {
             name: {
@@ -69,16 +73,21 @@ def registry_yaml(
         "adapters": list(adapters)
         if adapters is not None
         else [{"name": name, "pool": name, "default": i == 0} for i, name in enumerate(pools)],
+        **(sections or {}),
     }
     return yaml.safe_dump(data, sort_keys=False)
 
 
 def make_registry(
-    pools: dict[str, Sequence[str | dict[str, Any]]],
+    pools: Mapping[str, Sequence[str | dict[str, Any]]],
     adapters: Sequence[dict[str, Any]] | None = None,
+    *,
+    sections: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
     **pool_options: Any,
 ) -> Registry:
-    return parse_registry(registry_yaml(pools, adapters, **pool_options))
+    text = registry_yaml(pools, adapters, sections=sections, **pool_options)
+    return parse_registry(text, env=env)
 
 
 @asynccontextmanager
@@ -179,3 +188,53 @@ def gateway_process(config_path: str, *extra: str) -> Iterator[str]:
         yield url
     finally:
         stop(proc)
+
+
+@asynccontextmanager
+async def served_gateway(registry: Registry) -> AsyncIterator[str]:
+    """The gateway served in this process's loop by uvicorn on a loopback port, with the
+    same server settings as `gateway serve` (bounded httptools, no Server header);
+    quicker to start than `gateway_process`. Yields its base URL."""
+    config = _fast(
+        create_app(registry),
+        log_level="warning",
+        port=free_port(),
+        max_header_bytes=registry.limits.max_header_bytes,
+        configure_logging=False,
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            if task.done():
+                task.result()  # raises what stopped it
+                raise RuntimeError("gateway server exited during start-up")
+            await asyncio.sleep(0.01)
+        yield f"http://127.0.0.1:{config.port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def raw_exchange(url: str, request: bytes, *, timeout_s: float = 5.0) -> bytes:
+    """Send raw bytes to a served gateway; everything it answers until it closes (or
+    until `timeout_s` passes, which fails the test: a hang)."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(request)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), timeout_s)
+    finally:
+        writer.close()
+
+
+def parse_raw(answer: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers (lower-cased names) and body of a raw HTTP/1.1 answer."""
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(status_line.split()[1]), headers, payload
