@@ -12,7 +12,7 @@ from starlette.middleware import Middleware
 
 from gateway.balancer import Balancer
 from gateway.errors import EXCEPTION_HANDLERS
-from gateway.middleware import RequestIdMiddleware
+from gateway.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from gateway.pipeline import Pipeline
 from gateway.protocols import open_worker_session
 from gateway.registry import Registry, load_registry
@@ -30,9 +30,11 @@ def create_app(registry: Registry) -> Starlette:
             gc.freeze()
             yield
 
+    # The body limit is read once here: a reload that changes it needs a restart.
+    body_limit = Middleware(BodyLimitMiddleware, max_bytes=registry.limits.max_body_bytes)
     return Starlette(
         routes=ROUTES,
-        middleware=[Middleware(RequestIdMiddleware)],
+        middleware=[Middleware(RequestIdMiddleware), body_limit],
         exception_handlers=dict(EXCEPTION_HANDLERS),
         lifespan=lifespan,
     )

@@ -19,15 +19,16 @@ from gateway.schema import ImageGenerationBody, error_list
 
 
 async def generate_image(request: Request) -> Response:
-    body = await _parse_body(request)
     pipeline: Pipeline = request.app.state.pipeline
+    max_chars = pipeline.registry.limits.max_prompt_chars
+    body = await _parse_body(request, max_prompt_chars=max_chars)
     result = await pipeline.generate(body, request_id=request.state.request_id)
     headers = {"X-Seed": str(result.seed), "X-Cache": result.cache, "X-Adapter": result.adapter}
     # The worker's bytes as they came: never parsed, never re-encoded.
     return Response(result.body, media_type="application/json", headers=headers)
 
 
-async def _parse_body(request: Request) -> ImageGenerationBody:
+async def _parse_body(request: Request, *, max_prompt_chars: int) -> ImageGenerationBody:
     content_type = request.headers.get("content-type", "application/json")
     media_type = content_type.split(";", 1)[0].strip().lower()
     if media_type != "application/json" and not media_type.endswith("+json"):
@@ -35,9 +36,15 @@ async def _parse_body(request: Request) -> ImageGenerationBody:
             f"Content-Type must be application/json, got {media_type or 'nothing'!r}"
         )
     try:
-        return ImageGenerationBody.model_validate_json(await request.body())
+        body = ImageGenerationBody.model_validate_json(await request.body())
     except ValidationError as exc:
         raise ValidationFailed(error_list(exc)) from exc
+    if len(body.prompt) > max_prompt_chars:
+        # The limit is the registry's, so it is checked here rather than in the model;
+        # the error has pydantic's own shape for a string too long.
+        msg = f"String should have at most {max_prompt_chars} characters"
+        raise ValidationFailed([{"loc": ["body", "prompt"], "msg": msg, "type": "string_too_long"}])
+    return body
 
 
 async def list_models(request: Request) -> Response:
