@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
+from gateway.auth import log_auth_mode
 from gateway.balancer import Balancer
 from gateway.errors import EXCEPTION_HANDLERS
 from gateway.middleware import BodyLimitMiddleware, RequestIdMiddleware
@@ -26,6 +27,7 @@ def create_app(registry: Registry) -> Starlette:
             app.state.pipeline = Pipeline(
                 registry=registry, balancer=Balancer(registry), session=session
             )
+            log_auth_mode(registry)
             # Start-up objects live for the process: keep them out of every GC pass.
             gc.freeze()
             yield

@@ -1,4 +1,4 @@
-"""`gateway serve|check|demo|sim-worker|generate`."""
+"""`gateway serve|check|demo|sim-worker|generate|hash-key`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import base64
 import copy
+import getpass
 import json
 import signal
 import socket
@@ -21,6 +22,7 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from gateway.app import create_app
+from gateway.auth import hash_key, new_key
 from gateway.errors import ConfigError
 from gateway.registry import LimitsSpec, Registry, load_registry
 from gateway.server import bounded_protocol
@@ -93,6 +95,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=300.0)
     p.set_defaults(run=generate)
 
+    p = sub.add_parser(
+        "hash-key",
+        help="make a new API key and print it with its sha256 for adapters.yaml",
+        description=(
+            "Makes a new API key and prints it (once: it is stored nowhere) with the "
+            "sha256 that goes into adapters.yaml. With --stdin, hashes a key you already "
+            "have instead; a key is never taken as an argument, where shell history and "
+            "`ps` would keep it."
+        ),
+    )
+    p.add_argument("--stdin", action="store_true", help="hash a key read from stdin")
+    p.add_argument("--name", default="NAME", help="the key's name in the printed snippet")
+    p.set_defaults(run=hash_key_command)
     return parser
 
 
@@ -154,6 +169,22 @@ def _log_config(log_level: str) -> dict[str, Any]:
 def check(args: argparse.Namespace) -> int:
     registry = load_registry(args.config)
     print(routing_table(registry))
+    return 0
+
+
+def hash_key_command(args: argparse.Namespace) -> int:
+    if args.stdin:
+        key = getpass.getpass("key: ") if sys.stdin.isatty() else sys.stdin.read()
+        key = key.strip(" \t\r\n")
+        if not key:
+            print("error: no key on stdin", file=sys.stderr)
+            return 1
+        print(hash_key(key))
+        return 0
+    key = new_key()
+    print(f"key:    {key}\n        (give it to the client now: it is stored nowhere)")
+    print(f"sha256: {hash_key(key)}\n\nin adapters.yaml:\nauth:\n  keys:")
+    print(f"    - {{name: {args.name}, sha256: {hash_key(key)}}}")
     return 0
 
 

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from gateway.auth import authorize
 from gateway.balancer import Balancer, Pool, Worker
 from gateway.errors import UpstreamError, UpstreamRejected, WorkerUnreachable
 from gateway.protocols import protocol_for
-from gateway.registry import Registry
+from gateway.registry import KeySpec, Registry
 from gateway.schema import ImageGenerationBody, WorkerRequest
 
 
@@ -38,13 +39,19 @@ class Pipeline:
         self.balancer = balancer
         self.session = session
 
-    async def generate(self, body: ImageGenerationBody, *, request_id: str) -> Generation:
+    async def generate(
+        self, body: ImageGenerationBody, *, request_id: str, key: KeySpec | None = None
+    ) -> Generation:
         registry = self.registry
         adapter = registry.resolve(body.model)
+        authorize(key, adapter.name)
         job = WorkerRequest.from_body(body, upstream_model=adapter.upstream_model)
         pool = self.balancer.pool(adapter.pool)
+        # Only these reach a worker: the pool's own credentials and the request id;
+        # nothing of the client's headers (its Authorization least of all).
+        headers = {**pool.spec.headers, "X-Request-ID": request_id}
         try:
-            image, worker = await self._forward(pool, job, {"X-Request-ID": request_id})
+            image, worker = await self._forward(pool, job, headers)
         except (UpstreamError, UpstreamRejected) as exc:
             exc.detail = f"adapter {adapter.name!r}: {exc.detail}"
             raise

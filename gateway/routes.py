@@ -13,16 +13,23 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway.auth import authenticate
 from gateway.errors import UnsupportedMediaType, ValidationFailed
 from gateway.pipeline import Pipeline
+from gateway.registry import KeySpec
 from gateway.schema import ImageGenerationBody, error_list
 
 
 async def generate_image(request: Request) -> Response:
     pipeline: Pipeline = request.app.state.pipeline
+    key = authenticate(request, pipeline.registry.auth)
+    return await _generate(request, pipeline, key)
+
+
+async def _generate(request: Request, pipeline: Pipeline, key: KeySpec | None) -> Response:
     max_chars = pipeline.registry.limits.max_prompt_chars
     body = await _parse_body(request, max_prompt_chars=max_chars)
-    result = await pipeline.generate(body, request_id=request.state.request_id)
+    result = await pipeline.generate(body, request_id=request.state.request_id, key=key)
     headers = {"X-Seed": str(result.seed), "X-Cache": result.cache, "X-Adapter": result.adapter}
     # The worker's bytes as they came: never parsed, never re-encoded.
     return Response(result.body, media_type="application/json", headers=headers)
@@ -48,8 +55,10 @@ async def _parse_body(request: Request, *, max_prompt_chars: int) -> ImageGenera
 
 
 async def list_models(request: Request) -> Response:
+    """The adapters this caller may use (every adapter on an open gateway)."""
     pipeline: Pipeline = request.app.state.pipeline
     registry = pipeline.registry
+    key = authenticate(request, registry.auth)
     data: list[dict[str, Any]] = [
         {
             "id": adapter.name,
@@ -61,6 +70,7 @@ async def list_models(request: Request) -> Response:
             "default": adapter.default,
         }
         for adapter in registry.adapters
+        if key is None or key.may_use(adapter.name)
     ]
     return JSONResponse({"object": "list", "data": data})
 

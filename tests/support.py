@@ -21,6 +21,7 @@ from aiohttp import web
 from starlette.applications import Starlette
 
 from gateway.app import create_app
+from gateway.auth import hash_key
 from gateway.cli import _fast, free_port
 from gateway.registry import Registry, parse_registry
 from gateway.simworker import spawn, stop, wait_healthy
@@ -88,6 +89,15 @@ def make_registry(
 ) -> Registry:
     text = registry_yaml(pools, adapters, sections=sections, **pool_options)
     return parse_registry(text, env=env)
+
+
+def api_key(name: str, key: str, **options: Any) -> dict[str, Any]:
+    """One entry of `auth.keys`: the key's name and the sha256 of `key`."""
+    return {"name": name, "sha256": hash_key(key), **options}
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
 
 
 @asynccontextmanager
@@ -175,12 +185,17 @@ def dead_url() -> str:
 
 
 @contextmanager
-def gateway_process(config_path: str, *extra: str) -> Iterator[str]:
-    """The real gateway under uvicorn in a child process; yields its base URL."""
+def gateway_process(
+    config_path: str, *extra: str, log_level: str = "warning", **popen: Any
+) -> Iterator[str]:
+    """The real gateway under uvicorn in a child process; yields its base URL.
+    `popen` goes to subprocess.Popen (`env`, `stderr` to capture its log)."""
     port = free_port()
     cmd = [sys.executable, "-m", "gateway", "serve", "--config", config_path]
     proc = subprocess.Popen(
-        [*cmd, "--port", str(port), "--log-level", "warning", *extra], stdin=subprocess.DEVNULL
+        [*cmd, "--port", str(port), "--log-level", log_level, *extra],
+        stdin=subprocess.DEVNULL,
+        **popen,
     )
     url = f"http://127.0.0.1:{port}"
     try:
