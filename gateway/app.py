@@ -16,6 +16,7 @@ from gateway.errors import EXCEPTION_HANDLERS
 from gateway.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from gateway.pipeline import Pipeline
 from gateway.protocols import open_worker_session
+from gateway.ratelimit import KeyLimits, open_rate_limiter, redis_url_for
 from gateway.registry import Registry, load_registry
 from gateway.routes import ROUTES
 
@@ -23,10 +24,14 @@ from gateway.routes import ROUTES
 def create_app(registry: Registry) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with open_worker_session(registry) as session:
+        async with (
+            open_worker_session(registry) as session,
+            open_rate_limiter(redis_url_for(registry)) as rate_limiter,
+        ):
             app.state.pipeline = Pipeline(
                 registry=registry, balancer=Balancer(registry), session=session
             )
+            app.state.key_limits = KeyLimits(rate=rate_limiter)
             log_auth_mode(registry)
             # Start-up objects live for the process: keep them out of every GC pass.
             gc.freeze()

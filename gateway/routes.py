@@ -16,6 +16,7 @@ from starlette.routing import Route
 from gateway.auth import authenticate
 from gateway.errors import UnsupportedMediaType, ValidationFailed
 from gateway.pipeline import Pipeline
+from gateway.ratelimit import KeyLimits
 from gateway.registry import KeySpec
 from gateway.schema import ImageGenerationBody, error_list
 
@@ -23,7 +24,11 @@ from gateway.schema import ImageGenerationBody, error_list
 async def generate_image(request: Request) -> Response:
     pipeline: Pipeline = request.app.state.pipeline
     key = authenticate(request, pipeline.registry.auth)
-    return await _generate(request, pipeline, key)
+    if key is None:  # an open gateway: no per-key limits to keep
+        return await _generate(request, pipeline, key)
+    limits: KeyLimits = request.app.state.key_limits
+    async with limits.admit(key):
+        return await _generate(request, pipeline, key)
 
 
 async def _generate(request: Request, pipeline: Pipeline, key: KeySpec | None) -> Response:

@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import pytest
+import redis
 import uvicorn
 import yaml
 from aiohttp import web
@@ -229,6 +233,41 @@ async def served_gateway(registry: Registry) -> AsyncIterator[str]:
     finally:
         server.should_exit = True
         await task
+
+
+@contextmanager
+def redis_server(port: int | None = None) -> Iterator[str]:
+    """A real redis-server on a loopback port (a free one unless given), no persistence;
+    yields its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("install redis-server (apt-get install -y redis-server)")
+    port = port or free_port()
+    args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    proc = subprocess.Popen([binary, *args], stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        _wait_redis(url, proc)
+        yield url
+    finally:
+        stop(proc)
+
+
+def _wait_redis(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
+    client = redis.Redis.from_url(url, socket_connect_timeout=0.5)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with code {proc.returncode}")
+            try:
+                if client.ping():
+                    return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise TimeoutError(f"{url}: redis-server not answering after {timeout_s}s")
+    finally:
+        client.close()
 
 
 async def raw_exchange(url: str, request: bytes, *, timeout_s: float = 5.0) -> bytes:
