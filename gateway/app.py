@@ -14,6 +14,7 @@ from gateway.auth import log_auth_mode
 from gateway.balancer import Balancer
 from gateway.errors import EXCEPTION_HANDLERS
 from gateway.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from gateway.openapi import openapi_json
 from gateway.pipeline import Pipeline
 from gateway.protocols import open_worker_session
 from gateway.ratelimit import KeyLimits, open_rate_limiter, redis_url_for
@@ -32,6 +33,7 @@ def create_app(registry: Registry) -> Starlette:
                 registry=registry, balancer=Balancer(registry), session=session
             )
             app.state.key_limits = KeyLimits(rate=rate_limiter)
+            app.state.openapi = openapi_json(registry)
             log_auth_mode(registry)
             # Start-up objects live for the process: keep them out of every GC pass.
             gc.freeze()

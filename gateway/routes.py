@@ -6,8 +6,6 @@ raise `gateway.errors` exceptions; `app.py` turns those into responses in one pl
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -18,7 +16,7 @@ from gateway.errors import UnsupportedMediaType, ValidationFailed
 from gateway.pipeline import Pipeline
 from gateway.ratelimit import KeyLimits
 from gateway.registry import KeySpec
-from gateway.schema import ImageGenerationBody, error_list
+from gateway.schema import ImageGenerationBody, ModelCard, ModelList, error_list
 
 
 async def generate_image(request: Request) -> Response:
@@ -64,20 +62,22 @@ async def list_models(request: Request) -> Response:
     pipeline: Pipeline = request.app.state.pipeline
     registry = pipeline.registry
     key = authenticate(request, registry.auth)
-    data: list[dict[str, Any]] = [
-        {
-            "id": adapter.name,
-            "object": "model",
-            "created": 0,
-            "owned_by": "image-gateway",
-            "pool": adapter.pool,
-            "aliases": list(adapter.aliases),
-            "default": adapter.default,
-        }
+    cards = [
+        ModelCard(
+            id=adapter.name,
+            pool=adapter.pool,
+            aliases=list(adapter.aliases),
+            default=adapter.default,
+        )
         for adapter in registry.adapters
         if key is None or key.may_use(adapter.name)
     ]
-    return JSONResponse({"object": "list", "data": data})
+    return JSONResponse(ModelList(data=cards).model_dump(mode="json"))
+
+
+async def openapi(request: Request) -> Response:
+    document: bytes = request.app.state.openapi
+    return Response(document, media_type="application/json")
 
 
 async def healthz(request: Request) -> Response:
@@ -105,4 +105,5 @@ ROUTES = [
     Route("/v1/models", list_models, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
+    Route("/openapi.json", openapi, methods=["GET"]),
 ]

@@ -115,9 +115,9 @@ async def test_models_need_a_key_and_list_only_its_adapters() -> None:
     assert [m["id"] for m in team_b.json()["data"]] == ["base", "pixel-art"]
 
 
-async def test_health_and_readiness_stay_open() -> None:
+async def test_health_readiness_and_openapi_stay_open() -> None:
     async with guarded() as (_, client):
-        for path in ("/healthz", "/readyz"):
+        for path in ("/healthz", "/readyz", "/openapi.json"):
             assert (await client.get(path)).status_code == 200, path
 
 
