@@ -1,6 +1,6 @@
 """What the gateway costs on the miss path: the same upstream, direct and through it.
 
-    python -m bench.overhead [--upstream static|sim] [--duration 5]
+    python -m bench.overhead [--upstream static|sim] [--duration 5] [--auth]
 
 Starts an upstream on loopback (a static responder that costs almost no CPU, or the
 sim worker with zero delay), the real gateway under uvicorn in front of it, then loads
@@ -9,7 +9,9 @@ With two or more cores the gateway is pinned to core 0 and the load generator an
 upstream to the others, as in the issue's measurements. The load generator is wrk
 when it is installed (`apt-get install wrk`), else an aiohttp client (slower: it
 shares the load core with the upstream, so gateway/direct ratios stay comparable but
-absolute figures are lower).
+absolute figures are lower). `--auth` gives the gateway an `auth` section and sends
+every request with its key, to price authentication (no rate limit: one key, one
+hash, one lookup, one in-flight count).
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 
+from gateway.auth import hash_key
 from gateway.cli import free_port
 from gateway.schema import ImageGenerationBody
 from gateway.simworker import render, stop, wait_healthy
@@ -44,6 +47,7 @@ BODY = {
     "seed": 7,
 }
 PATH = "/v1/images/generations"
+BENCH_KEY = "gw_bench-key"
 
 
 @dataclass
@@ -58,18 +62,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--upstream", choices=["static", "sim"], default="static")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per run")
     parser.add_argument("--size", type=int, default=640, help="image side (640: ~160 KB)")
+    parser.add_argument("--auth", action="store_true", help="API keys on, one key sent")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp, servers(args.upstream, args.size, Path(tmp)) as urls:
+    headers = {"Content-Type": "application/json"}
+    if args.auth:
+        headers["Authorization"] = f"Bearer {BENCH_KEY}"
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        servers(args.upstream, args.size, Path(tmp), auth=args.auth) as urls,
+    ):
         direct, gateway = urls
         results = {}
         for name, url in (("direct", direct), ("gateway", gateway)):
             for conc in (1, 16):
-                results[name, conc] = load(url + PATH, conc, args.duration)
+                results[name, conc] = load(url + PATH, conc, args.duration, headers)
     report(results, args)
 
 
 @contextmanager
-def servers(upstream: str, size: int, tmp: Path) -> Iterator[tuple[str, str]]:
+def servers(upstream: str, size: int, tmp: Path, *, auth: bool) -> Iterator[tuple[str, str]]:
     cores = os.cpu_count() or 1
     gateway_cpu = ["taskset", "-c", "0"] if cores >= 2 and shutil.which("taskset") else []
     other_cpu = ["taskset", "-c", f"1-{cores - 1}"] if gateway_cpu else []
@@ -95,7 +106,7 @@ def servers(upstream: str, size: int, tmp: Path) -> Iterator[tuple[str, str]]:
     config.write_text(
         "pools:\n  p:\n    workers:\n"
         f"      - {{url: 'http://127.0.0.1:{up_port}', max_concurrency: 1000}}\n"
-        "adapters:\n  - {name: base, pool: p, default: true}\n"
+        "adapters:\n  - {name: base, pool: p, default: true}\n" + (_auth_section() if auth else "")
     )
     gw_cmd = [
         sys.executable,
@@ -120,25 +131,30 @@ def servers(upstream: str, size: int, tmp: Path) -> Iterator[tuple[str, str]]:
             stop(proc)
 
 
+def _auth_section() -> str:
+    key = f"{{name: bench, sha256: {hash_key(BENCH_KEY)}, max_concurrent: 1000}}"
+    return f"auth:\n  keys:\n    - {key}\n"
+
+
 def image_response(size: int) -> bytes:
     body = ImageGenerationBody.model_validate(BODY)
     return b'{"image":"' + base64.b64encode(render(body, size)) + b'"}'
 
 
-def load(url: str, concurrency: int, duration: float) -> Result:
+def load(url: str, concurrency: int, duration: float, headers: Mapping[str, str]) -> Result:
     if shutil.which("wrk"):
-        return load_wrk(url, concurrency, duration)
-    return asyncio.run(load_aiohttp(url, concurrency, duration))
+        return load_wrk(url, concurrency, duration, headers)
+    return asyncio.run(load_aiohttp(url, concurrency, duration, headers))
 
 
-def load_wrk(url: str, concurrency: int, duration: float) -> Result:
+def load_wrk(url: str, concurrency: int, duration: float, headers: Mapping[str, str]) -> Result:
     cores = os.cpu_count() or 1
     pin = ["taskset", "-c", f"1-{cores - 1}"] if cores >= 2 and shutil.which("taskset") else []
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(
             'wrk.method = "POST"\n'
             f"wrk.body = '{json.dumps(BODY)}'\n"
-            'wrk.headers["Content-Type"] = "application/json"\n'
+            + "".join(f'wrk.headers["{name}"] = "{value}"\n' for name, value in headers.items())
         )
     try:
         out = subprocess.run(
@@ -175,10 +191,11 @@ def _wrk_ms(out: str, pct: str) -> float:
     return value * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-async def load_aiohttp(url: str, concurrency: int, duration: float) -> Result:
+async def load_aiohttp(
+    url: str, concurrency: int, duration: float, headers: Mapping[str, str]
+) -> Result:
     latencies: list[float] = []
     payload = json.dumps(BODY).encode()
-    headers = {"Content-Type": "application/json"}
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
         deadline = time.perf_counter() + duration
@@ -204,6 +221,7 @@ def report(results: dict[tuple[str, int], Result], args: argparse.Namespace) -> 
     size = len(image_response(args.size))
     print(
         f"upstream={args.upstream}  response={size / 1000:.0f} KB  load={tool}  "
+        f"auth={'on' if args.auth else 'off'}  "
         f"duration={args.duration}s per run\n"
     )
     print(f"{'target':<8} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8}")

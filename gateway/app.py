@@ -14,15 +14,18 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
+from gateway.auth import log_auth_mode
 from gateway.balancer import Balancer, Clock
 from gateway.discovery import Discovery, Resolver, resolve_dns
 from gateway.drain import Drain
 from gateway.errors import EXCEPTION_HANDLERS
 from gateway.health import Prober
 from gateway.metrics import Metrics
-from gateway.middleware import ObserveMiddleware, RequestIdMiddleware
+from gateway.middleware import BodyLimitMiddleware, ObserveMiddleware, RequestIdMiddleware
+from gateway.openapi import openapi_json
 from gateway.pipeline import Pipeline
 from gateway.protocols import open_worker_session
+from gateway.ratelimit import KeyLimits, open_rate_limiter, redis_url_for
 from gateway.registry import Registry, RegistryFile, Reloader, load_registry
 from gateway.routes import ROUTES
 
@@ -50,7 +53,10 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with open_worker_session(registry) as session:
+        async with (
+            open_worker_session(registry) as session,
+            open_rate_limiter(redis_url_for(registry)) as rate_limiter,
+        ):
             balancer = Balancer(registry, clock=clock)
             discovery = Discovery(balancer=balancer, resolver=resolver, clock=clock)
             await discovery.refresh_due()  # DNS pools start with their workers, if any
@@ -60,6 +66,9 @@ def create_app(
             )
             reloader = _reloader(source, pipeline, metrics)
             app.state.pipeline, app.state.reloader = pipeline, reloader
+            app.state.key_limits = KeyLimits(rate=rate_limiter)
+            app.state.openapi = openapi_json(registry)
+            log_auth_mode(registry)
             metrics.set_registry(registry.digest)
             jobs = [prober.run(), discovery.run(), _sync_metrics(metrics, pipeline)]
             if reloader is not None:
@@ -69,11 +78,14 @@ def create_app(
                 gc.freeze()
                 yield
 
+    # The body limit is read once here: a reload that changes it needs a restart.
+    body_limit = Middleware(BodyLimitMiddleware, max_bytes=registry.limits.max_body_bytes)
     app = Starlette(
         routes=ROUTES,
         middleware=[
             Middleware(RequestIdMiddleware),
             Middleware(ObserveMiddleware, metrics=metrics),
+            body_limit,
         ],
         exception_handlers=dict(EXCEPTION_HANDLERS),
         lifespan=lifespan,

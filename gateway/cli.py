@@ -1,4 +1,4 @@
-"""`gateway serve|check|demo|sim-worker|generate`."""
+"""`gateway serve|check|demo|sim-worker|generate|hash-key`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import getpass
 import json
 import os
 import shutil
@@ -24,10 +25,12 @@ from starlette.types import ASGIApp
 from uvicorn.supervisors import Multiprocess
 
 from gateway.app import ENV_CONFIG, ENV_DRAIN_GRACE_S, ENV_RELOAD_EVERY_S, create_app
+from gateway.auth import hash_key, new_key
 from gateway.errors import ConfigError
 from gateway.logs import log_config
 from gateway.metrics import MULTIPROC_ENV
-from gateway.registry import Registry, load_registry
+from gateway.registry import LimitsSpec, Registry, load_registry
+from gateway.server import SERVED_PROTOCOL, bound_head_size, bounded_protocol
 from gateway.simworker import SimConfig, create_sim_app, spawn, stop, wait_healthy
 
 
@@ -111,6 +114,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default="http://127.0.0.1:8080")
     p.add_argument("--timeout", type=float, default=300.0)
     p.set_defaults(run=generate)
+
+    p = sub.add_parser(
+        "hash-key",
+        help="make a new API key and print it with its sha256 for adapters.yaml",
+        description=(
+            "Makes a new API key and prints it (once: it is stored nowhere) with the "
+            "sha256 that goes into adapters.yaml. With --stdin, hashes a key you already "
+            "have instead; a key is never taken as an argument, where shell history and "
+            "`ps` would keep it."
+        ),
+    )
+    p.add_argument("--stdin", action="store_true", help="hash a key read from stdin")
+    p.add_argument("--name", default="NAME", help="the key's name in the printed snippet")
+    p.set_defaults(run=hash_key_command)
     return parser
 
 
@@ -121,7 +138,8 @@ def _config_arg(p: argparse.ArgumentParser) -> None:
 def serve(args: argparse.Namespace) -> int:
     """Each server process builds its app from the environment set here (app_from_env),
     so one process and `--workers N` run the same code."""
-    load_registry(args.config)  # a bad file stops us here, with its line and key
+    registry = load_registry(args.config)  # a bad file stops us here, with line and key
+    bound_head_size(registry.limits.max_header_bytes)  # read once, like the body limit
     os.environ.update(
         {
             ENV_CONFIG: str(Path(args.config).resolve()),
@@ -137,7 +155,7 @@ def serve(args: argparse.Namespace) -> int:
         workers=args.workers,
         log_config=log_config(args.log_level),
         loop="uvloop",
-        http="httptools",
+        http=SERVED_PROTOCOL,
         access_log=False,
         server_header=False,
         timeout_graceful_shutdown=args.drain_timeout_s,
@@ -167,23 +185,50 @@ def _multiprocess_metrics(path: str | None) -> Iterator[None]:
 
 
 def _fast(
-    app: ASGIApp, *, log_level: str, host: str = "127.0.0.1", port: int = 0
+    app: ASGIApp,
+    *,
+    log_level: str,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    max_header_bytes: int = LimitsSpec().max_header_bytes,
+    configure_logging: bool = True,
 ) -> uvicorn.Config:
-    """uvloop + httptools and no access log: measured as what the hot path needs."""
+    """uvloop + httptools and no access log: measured as what the hot path needs.
+    httptools bounded in head size (see server.py); no `Server` header, which would
+    only tell a scanner what to try. `configure_logging=False` leaves the process's
+    logging as it is (for a server inside a test run)."""
     return uvicorn.Config(
         app,
         host=host,
         port=port,
         log_level=log_level,
+        log_config=log_config(log_level) if configure_logging else None,
         loop="uvloop",
-        http="httptools",
+        http=bounded_protocol(max_header_bytes),
         access_log=False,
+        server_header=False,
     )
 
 
 def check(args: argparse.Namespace) -> int:
     registry = load_registry(args.config)
     print(routing_table(registry))
+    return 0
+
+
+def hash_key_command(args: argparse.Namespace) -> int:
+    if args.stdin:
+        key = getpass.getpass("key: ") if sys.stdin.isatty() else sys.stdin.read()
+        key = key.strip(" \t\r\n")
+        if not key:
+            print("error: no key on stdin", file=sys.stderr)
+            return 1
+        print(hash_key(key))
+        return 0
+    key = new_key()
+    print(f"key:    {key}\n        (give it to the client now: it is stored nowhere)")
+    print(f"sha256: {hash_key(key)}\n\nin adapters.yaml:\nauth:\n  keys:")
+    print(f"    - {{name: {args.name}, sha256: {hash_key(key)}}}")
     return 0
 
 
@@ -256,7 +301,12 @@ def demo(args: argparse.Namespace) -> int:
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         print(routing_table(registry))
         print(f"\ngateway listening on {url}\n\n{_curl_example(url, registry)}\n", flush=True)
-        server = uvicorn.Server(_fast(create_app(registry), log_level="warning"))
+        config = _fast(
+            create_app(registry),
+            log_level="warning",
+            max_header_bytes=registry.limits.max_header_bytes,
+        )
+        server = uvicorn.Server(config)
         # uvicorn re-raises SIGTERM after its own shutdown; exit through `finally` then,
         # so the sim workers are stopped rather than orphaned.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

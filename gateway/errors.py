@@ -3,11 +3,17 @@
     GatewayError                       every error the gateway raises on purpose
     ├── ConfigError                    adapters.yaml refused (never reaches a client)
     └── RequestError                   ends a client's request; carries status + detail
+        ├── Unauthorized       401     no API key, or one the registry does not know
+        ├── Forbidden          403     the key may not use this adapter (or route)
         ├── ValidationFailed   422     the body broke the schema (detail is a list)
+        ├── PayloadTooLarge    413     the body passed `limits.max_body_bytes`
+        ├── HeadersTooLarge    431     the request head passed `limits.max_header_bytes`
         ├── UnsupportedMediaType 415   the body is not JSON
         ├── UnknownModel       404     `model` names no adapter (detail lists known ones)
         ├── ReloadRefused      422     POST /admin/reload found a bad file (old one serves)
-        ├── Overloaded         503     no capacity now; carries Retry-After
+        ├── RetryLater                 refused for now; carries Retry-After
+        │   ├── RateLimited    429     the key is over its rate or `max_concurrent`
+        │   └── Overloaded     503     no capacity now
         ├── UpstreamRejected   4xx     a worker refused the request's input
         └── UpstreamError      502     no worker produced an image (`reason` says why)
             ├── WorkerUnreachable 502  connect refused or timed out: never saw the job
@@ -19,7 +25,8 @@ Which of these are retried, and where, is `gateway.balancer.retry_cause`.
 
 Foreign exceptions (aiohttp, pydantic, OSError) are translated where they are caught,
 with `raise ... from exc`; `error_response` is the single table from error to HTTP.
-Messages name adapters, pools and worker names, never worker addresses.
+Messages name adapters, pools, workers and API keys by name, never worker addresses,
+key material or credentials.
 """
 
 from __future__ import annotations
@@ -52,6 +59,41 @@ class RequestError(GatewayError):
         return {}
 
 
+class Unauthorized(RequestError):
+    """One body and one header for a missing, malformed or unknown key: the answer
+    tells a caller nothing about which it was."""
+
+    status_code = 401
+
+    def __init__(self) -> None:
+        super().__init__("missing or unknown API key: send 'Authorization: Bearer <key>'")
+
+    def headers(self) -> Mapping[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="image-gateway"'}
+
+
+class Forbidden(RequestError):
+    status_code = 403
+
+
+class PayloadTooLarge(RequestError):
+    status_code = 413
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body is larger than {limit} bytes")
+
+    def headers(self) -> Mapping[str, str]:
+        # The rest of the body is never read: the connection cannot be reused.
+        return {"Connection": "close"}
+
+
+class HeadersTooLarge(RequestError):
+    status_code = 431
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request line and headers are larger than {limit} bytes")
+
+
 class ValidationFailed(RequestError):
     status_code = 422
 
@@ -80,8 +122,8 @@ class ReloadRefused(RequestError):
     status_code = 422
 
 
-class Overloaded(RequestError):
-    status_code = 503
+class RetryLater(RequestError):
+    """Refused for now, not for good: the client may try again after `Retry-After`."""
 
     def __init__(self, detail: str, *, retry_after_s: int) -> None:
         super().__init__(detail)
@@ -89,6 +131,14 @@ class Overloaded(RequestError):
 
     def headers(self) -> Mapping[str, str]:
         return {"Retry-After": str(self.retry_after_s)}
+
+
+class RateLimited(RetryLater):
+    status_code = 429
+
+
+class Overloaded(RetryLater):
+    status_code = 503
 
 
 class UpstreamRejected(RequestError):

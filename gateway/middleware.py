@@ -10,6 +10,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.errors import PayloadTooLarge, error_response
 from gateway.logs import ACCESS_LOGGER
 from gateway.metrics import Metrics, Trace
 
@@ -108,3 +109,53 @@ def _access_fields(scope: Scope, trace: Trace, status: int, elapsed: float) -> d
     if "key_name" in state:
         fields["key"] = state["key_name"]  # the key's name from the registry, never the key
     return fields
+
+
+class BodyLimitMiddleware:
+    """413 for a request body over `max_bytes`, before the rest of it is read.
+
+    With a Content-Length the answer comes at once: the server never reads past that
+    length, so a request within it needs no further watching (the common case costs
+    one header scan). Without one (a chunked body) the bytes are counted as the app
+    receives them, and the read that passes the limit raises PayloadTooLarge, which
+    the app's error table turns into the same JSON 413.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = _content_length(scope)
+        if length is None:
+            await self.app(scope, _counting(receive, self.max_bytes), send)
+        elif length > self.max_bytes:
+            await error_response(PayloadTooLarge(self.max_bytes))(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            # The server has already refused a malformed one; digits only here.
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def _counting(receive: Receive, max_bytes: int) -> Receive:
+    seen = 0
+
+    async def receive_counted() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > max_bytes:
+                raise PayloadTooLarge(max_bytes)
+        return message
+
+    return receive_counted

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from gateway.auth import authorize
 from gateway.balancer import Balancer, Pool, Worker
 from gateway.errors import UpstreamError, UpstreamRejected
 from gateway.metrics import Metrics, Trace
 from gateway.protocols import protocol_for
-from gateway.registry import Registry
+from gateway.registry import KeySpec, Registry
 from gateway.schema import ImageGenerationBody, WorkerRequest
 
 
@@ -52,20 +53,30 @@ class Pipeline:
         self.registry = registry
 
     async def generate(
-        self, body: ImageGenerationBody, *, request_id: str, trace: Trace | None = None
+        self,
+        body: ImageGenerationBody,
+        *,
+        request_id: str,
+        key: KeySpec | None = None,
+        trace: Trace | None = None,
     ) -> Generation:
-        """`trace` collects what happened, for the access log and metrics."""
+        """`key`: the caller's API key (None: auth is off); `trace` collects what
+        happened, for the access log and metrics."""
         trace = trace or Trace()
         registry = self.registry
         adapter = registry.resolve(body.model)
         trace.adapter, trace.pool = adapter.name, adapter.pool
+        authorize(key, adapter.name)
         if registry.log_prompts:
             trace.prompt = body.prompt
         job = WorkerRequest.from_body(body, upstream_model=adapter.upstream_model)
         trace.seed = job.seed
         pool = self.balancer.pool(adapter.pool)
+        # Only these reach a worker: the pool's own credentials and the request id;
+        # nothing of the client's headers (its Authorization least of all).
+        headers = {**pool.spec.headers, "X-Request-ID": request_id}
         try:
-            image, worker = await self._forward(pool, job, {"X-Request-ID": request_id}, trace)
+            image, worker = await self._forward(pool, job, headers, trace)
         except (UpstreamError, UpstreamRejected) as exc:
             exc.detail = f"adapter {adapter.name!r}: {exc.detail}"
             raise

@@ -4,6 +4,11 @@ A pool is a set of interchangeable GPU workers of one base model; an adapter is 
 client's `model` names: a route to a pool, plus the LoRA name the workers know it by.
 The file is validated once, at start and at reload; a bad file is refused with a
 `ConfigError` naming the file, line and key, and the caller keeps the old registry.
+
+Two optional sections guard the front door: `limits` (sizes a request may have) and
+`auth` (API keys, stored as sha256 hashes, each with its adapters and rate limits).
+Values may name environment variables, `${NAME}`, for secrets that must not sit in
+the file (a pool's worker credentials, a Redis password); they are expanded here.
 """
 
 from __future__ import annotations
@@ -12,13 +17,17 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
+import os
+import re
 from collections.abc import Callable, Iterator, Mapping
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo
 from pydantic.functional_validators import AfterValidator
 
 from gateway.errors import ConfigError, UnknownModel
@@ -40,6 +49,68 @@ def _worker_url(url: str) -> str:
 
 
 Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:/@+-]+$")]
+
+# A sha256 hex digest; pydantic's message for a mismatch names the pattern, never the
+# value, so a refused file does not echo a key hash into a log.
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$"), AfterValidator(str.lower)]
+
+_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+# Headers that describe one connection, not the message (RFC 9110 7.6.1), and the ones
+# the gateway sets itself: a pool's `headers` may not set them.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+_GATEWAY_SET = frozenset({"host", "content-length", "content-type", "x-request-id"})
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def _expand_env(value: str, info: ValidationInfo) -> str:
+    """`${NAME}` -> the variable's value, read once here, at load."""
+    env: Mapping[str, str] = (info.context or {}).get("env", os.environ)
+
+    def lookup(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in env:
+            raise ValueError(f"environment variable {name} is not set")
+        return env[name]
+
+    return _ENV_REF.sub(lookup, value)
+
+
+def _header_name(name: str) -> str:
+    if not _TOKEN.match(name):
+        raise ValueError(f"{name!r} is not a valid header name")
+    if name.lower() in HOP_BY_HOP or name.lower() in _GATEWAY_SET:
+        raise ValueError(f"{name!r} is set by the gateway (or never forwarded); not configurable")
+    return name
+
+
+def _header_value(value: str) -> str:
+    if any(ch in value for ch in "\r\n\0"):
+        raise ValueError("a header value may not contain CR, LF or NUL")
+    return value
+
+
+HeaderName = Annotated[str, AfterValidator(_header_name)]
+# Expanded first, then checked: a variable must not smuggle a line break either.
+HeaderValue = Annotated[str, AfterValidator(_expand_env), AfterValidator(_header_value)]
+
+
+def _redis_url(url: str) -> str:
+    if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("redis_url must start with redis://, rediss:// or unix://")
+    return url
 
 
 class _Frozen(BaseModel):
@@ -131,6 +202,9 @@ class PoolSpec(_Frozen):
     retry_budget_percent: Annotated[float, Field(ge=0, le=100)] = 20.0
     retry_budget_min: Annotated[int, Field(ge=0, le=1000)] = 3
     health: HealthSpec = HealthSpec()
+    # The pool's own credentials for its workers (`Authorization: "Bearer ${TOKEN}"`),
+    # sent with every request to them; kept out of repr so no log line shows them.
+    headers: Mapping[HeaderName, HeaderValue] = Field(default_factory=dict, repr=False)
 
 
 class AdapterSpec(_Frozen):
@@ -143,10 +217,67 @@ class AdapterSpec(_Frozen):
     revision: Annotated[str, Field(min_length=1, max_length=64)] = "1"
 
 
+class LimitsSpec(_Frozen):
+    """What one request may weigh. A prompt is text: 64 KiB of JSON is plenty."""
+
+    max_body_bytes: Annotated[int, Field(ge=256, le=64 * 2**20)] = 64 * 2**10
+    max_prompt_chars: Annotated[int, Field(ge=1, le=2**20)] = 4000
+    max_header_bytes: Annotated[int, Field(ge=1024, le=2**20)] = 16 * 2**10
+
+
+class RateSpec(_Frozen):
+    per_s: Annotated[float, Field(gt=0, le=1e6)]
+    burst: Annotated[int, Field(ge=1, le=10**6)] | None = None  # None: one second's worth
+
+    @property
+    def capacity(self) -> int:
+        return self.burst if self.burst is not None else max(1, math.ceil(self.per_s))
+
+
+class KeySpec(_Frozen):
+    """One API key: known by its name everywhere (logs, errors); its sha256 only here."""
+
+    name: Name
+    sha256: Sha256 = Field(repr=False)
+    adapters: tuple[Name, ...] | None = None  # adapter names it may use; None: all
+    rate: RateSpec | None = None
+    max_concurrent: Annotated[int, Field(ge=1, le=10**6)] | None = None
+
+    # cached_property, not PrivateAttr: these are read on every keyed request, and a
+    # pydantic private attribute costs ~2 us a read (it goes through __getattr__).
+    @cached_property
+    def allowed(self) -> frozenset[str] | None:
+        return None if self.adapters is None else frozenset(self.adapters)
+
+    def may_use(self, adapter: str) -> bool:
+        allowed = self.allowed
+        return allowed is None or adapter in allowed
+
+
+class AuthSpec(_Frozen):
+    keys: Annotated[tuple[KeySpec, ...], Field(min_length=1)]
+    metrics_key_sha256: Sha256 | None = Field(default=None, repr=False)
+    admin_key_sha256: Sha256 | None = Field(default=None, repr=False)
+    # Where per-key rate limits are shared among replicas (may hold a password).
+    redis_url: Annotated[str, AfterValidator(_expand_env), AfterValidator(_redis_url)] | None = (
+        Field(default=None, repr=False)
+    )
+
+    @cached_property
+    def by_hash(self) -> dict[str, KeySpec]:
+        return {key.sha256: key for key in self.keys}
+
+    def key_for(self, digest: str) -> KeySpec | None:
+        """The key whose sha256 is `digest` (lower-case hex), if any."""
+        return self.by_hash.get(digest)
+
+
 class Registry(_Frozen):
     pools: Mapping[Name, PoolSpec]
     adapters: Annotated[tuple[AdapterSpec, ...], Field(min_length=1)]
     log_prompts: bool = False  # prompts in the access log: off, they may be private
+    limits: LimitsSpec = LimitsSpec()
+    auth: AuthSpec | None = None  # None: the gateway is open to every caller
     digest: str = ""  # sha256 prefix of the file's text: which registry is serving
 
     _routes: dict[str, AdapterSpec] = PrivateAttr(default_factory=dict)
@@ -173,27 +304,34 @@ class Registry(_Frozen):
         return self.pools[adapter.pool]
 
 
-def load_registry(path: str | Path) -> Registry:
+def load_registry(path: str | Path, *, env: Mapping[str, str] | None = None) -> Registry:
     try:
         text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    return parse_registry(text, source=str(path))
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"{path}: cannot read: {reason or exc}") from exc
+    return parse_registry(text, source=str(path), env=env)
 
 
-def parse_registry(text: str, *, source: str = "<adapters.yaml>") -> Registry:
+def parse_registry(
+    text: str, *, source: str = "<adapters.yaml>", env: Mapping[str, str] | None = None
+) -> Registry:
+    """`env` (default: the process environment) fills `${NAME}` references."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
+        if root is not None:
+            _refuse_duplicate_keys(root, source)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
-    if root is not None:
-        _refuse_duplicate_keys(root, source)
+    except RecursionError as exc:  # PyYAML composes nested collections recursively
+        raise ConfigError(f"{source}: nested too deeply") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping with 'pools' and 'adapters'")
     digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    context = {"env": os.environ if env is None else env}
     try:
-        registry = Registry.model_validate({**data, "digest": digest})
+        registry = Registry.model_validate({**data, "digest": digest}, context=context)
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
         raise ConfigError(_where(source, root, err["loc"], err["msg"])) from exc
@@ -227,10 +365,39 @@ def _cross_check(registry: Registry) -> Iterator[tuple[Loc, str]]:
         for k, url in enumerate(urls):
             if url in urls[:k]:
                 yield ("pools", name, "workers", k, "url"), f"worker {url!r} is listed twice"
+    if registry.auth is not None:
+        yield from _check_auth(registry.auth, registry.model_names())
+
+
+def _check_auth(auth: AuthSpec, adapters: list[str]) -> Iterator[tuple[Loc, str]]:
+    """Key names and hashes unique; a key's adapters exist (by name, not alias)."""
+    names: set[str] = set()
+    owner: dict[str, str] = {}  # digest -> who holds it, for the message
+    for i, key in enumerate(auth.keys):
+        if key.name in names:
+            yield ("auth", "keys", i, "name"), f"key name {key.name!r} is used twice"
+        names.add(key.name)
+        for j, adapter in enumerate(key.adapters or ()):
+            if adapter not in adapters:
+                known = ", ".join(sorted(adapters))
+                msg = f"unknown adapter {adapter!r} (adapter names: {known})"
+                yield ("auth", "keys", i, "adapters", j), msg
+        if key.sha256 == _EMPTY_SHA256:
+            yield ("auth", "keys", i, "sha256"), "that is the hash of an empty key"
+        if key.sha256 in owner:
+            yield ("auth", "keys", i, "sha256"), f"same key hash as {owner[key.sha256]}"
+        owner[key.sha256] = f"key {key.name!r}"
+    for field in ("metrics_key_sha256", "admin_key_sha256"):
+        digest = getattr(auth, field)
+        if digest is not None and digest in owner:
+            yield ("auth", field), f"same key hash as {owner[digest]}: give it its own key"
+        if digest is not None:
+            owner[digest] = field
 
 
 def _where(source: str, root: yaml.Node | None, loc: Loc, msg: str) -> str:
-    key = ".".join(str(part) for part in loc if part != "digest") or "(top level)"
+    # pydantic marks an error in a mapping's key with a "[key]" step: the key says it.
+    key = ".".join(str(part) for part in loc if part not in ("digest", "[key]")) or "(top level)"
     line = _line_of(root, loc)
     at = f"{source}:{line}" if line else source
     return f"{at}: {key}: {msg}"
@@ -256,19 +423,33 @@ def _child(node: yaml.Node | None, part: str | int) -> yaml.Node | None:
     return None
 
 
-def _refuse_duplicate_keys(node: yaml.Node, source: str) -> None:
-    # YAML lets a later key silently replace an earlier one; a registry must not.
-    if isinstance(node, yaml.MappingNode):
-        seen: set[str] = set()
-        for key, value in node.value:
-            if key.value in seen:
-                line = key.start_mark.line + 1
-                raise ConfigError(f"{source}:{line}: {key.value}: duplicate key")
-            seen.add(key.value)
-            _refuse_duplicate_keys(value, source)
-    elif isinstance(node, yaml.SequenceNode):
-        for item in node.value:
-            _refuse_duplicate_keys(item, source)
+MAX_NODES = 100_000
+
+
+def _refuse_duplicate_keys(root: yaml.Node, source: str) -> None:
+    """YAML lets a later key silently replace an earlier one; a registry must not.
+
+    The walk counts nodes as aliases expand them, so a file whose aliases multiply
+    ("billion laughs") or refer to themselves is refused here, in bounded time,
+    instead of hanging the loader.
+    """
+    stack, visited = [root], 0
+    while stack:
+        node = stack.pop()
+        visited += 1
+        if visited > MAX_NODES:
+            raise ConfigError(f"{source}: more than {MAX_NODES} values once aliases expand")
+        if isinstance(node, yaml.MappingNode):
+            seen: set[object] = set()
+            for key, _ in node.value:
+                name = key.value if isinstance(key, yaml.ScalarNode) else id(key)
+                if name in seen:
+                    line = key.start_mark.line + 1
+                    raise ConfigError(f"{source}:{line}: {name}: duplicate key")
+                seen.add(name)
+            stack.extend(value for _, value in reversed(node.value))  # in file order
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(reversed(node.value))
 
 
 class RegistryFile:

@@ -17,20 +17,34 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive
 
+from gateway.auth import authenticate, require_key
 from gateway.errors import ConfigError, ReloadRefused, UnsupportedMediaType, ValidationFailed
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.pipeline import Pipeline
-from gateway.registry import Reloader
-from gateway.schema import ImageGenerationBody, error_list
+from gateway.ratelimit import KeyLimits
+from gateway.registry import KeySpec, Reloader
+from gateway.schema import ImageGenerationBody, ModelCard, ModelList, error_list
 
 
 async def generate_image(request: Request) -> Response:
-    body = await _parse_body(request)
     pipeline: Pipeline = request.app.state.pipeline
+    key = authenticate(request, pipeline.registry.auth)
+    if key is None:  # an open gateway: no per-key limits to keep
+        return await _generate(request, pipeline, key)
+    limits: KeyLimits = request.app.state.key_limits
+    async with limits.admit(key):
+        return await _generate(request, pipeline, key)
+
+
+async def _generate(request: Request, pipeline: Pipeline, key: KeySpec | None) -> Response:
+    max_chars = pipeline.registry.limits.max_prompt_chars
+    body = await _parse_body(request, max_prompt_chars=max_chars)
     state = request.state
     try:
         async with _while_connected(request):
-            result = await pipeline.generate(body, request_id=state.request_id, trace=state.trace)
+            result = await pipeline.generate(
+                body, request_id=state.request_id, key=key, trace=state.trace
+            )
     except ClientDisconnect:
         return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
     headers = {"X-Seed": str(result.seed), "X-Cache": result.cache, "X-Adapter": result.adapter}
@@ -63,7 +77,7 @@ async def _cancel_on_disconnect(receive: Receive, task: asyncio.Task[Any]) -> No
     task.cancel()
 
 
-async def _parse_body(request: Request) -> ImageGenerationBody:
+async def _parse_body(request: Request, *, max_prompt_chars: int) -> ImageGenerationBody:
     content_type = request.headers.get("content-type", "application/json")
     media_type = content_type.split(";", 1)[0].strip().lower()
     if media_type != "application/json" and not media_type.endswith("+json"):
@@ -71,27 +85,38 @@ async def _parse_body(request: Request) -> ImageGenerationBody:
             f"Content-Type must be application/json, got {media_type or 'nothing'!r}"
         )
     try:
-        return ImageGenerationBody.model_validate_json(await request.body())
+        body = ImageGenerationBody.model_validate_json(await request.body())
     except ValidationError as exc:
         raise ValidationFailed(error_list(exc)) from exc
+    if len(body.prompt) > max_prompt_chars:
+        # The limit is the registry's, so it is checked here rather than in the model;
+        # the error has pydantic's own shape for a string too long.
+        msg = f"String should have at most {max_prompt_chars} characters"
+        raise ValidationFailed([{"loc": ["body", "prompt"], "msg": msg, "type": "string_too_long"}])
+    return body
 
 
 async def list_models(request: Request) -> Response:
+    """The adapters this caller may use (every adapter on an open gateway)."""
     pipeline: Pipeline = request.app.state.pipeline
     registry = pipeline.registry
-    data: list[dict[str, Any]] = [
-        {
-            "id": adapter.name,
-            "object": "model",
-            "created": 0,
-            "owned_by": "image-gateway",
-            "pool": adapter.pool,
-            "aliases": list(adapter.aliases),
-            "default": adapter.default,
-        }
+    key = authenticate(request, registry.auth)
+    cards = [
+        ModelCard(
+            id=adapter.name,
+            pool=adapter.pool,
+            aliases=list(adapter.aliases),
+            default=adapter.default,
+        )
         for adapter in registry.adapters
+        if key is None or key.may_use(adapter.name)
     ]
-    return JSONResponse({"object": "list", "data": data})
+    return JSONResponse(ModelList(data=cards).model_dump(mode="json"))
+
+
+async def openapi(request: Request) -> Response:
+    document: bytes = request.app.state.openapi
+    return Response(document, media_type="application/json")
 
 
 async def healthz(request: Request) -> Response:
@@ -118,6 +143,7 @@ async def readyz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
+    require_key(request, "metrics")
     metrics: Metrics = request.app.state.metrics
     pipeline: Pipeline | None = getattr(request.app.state, "pipeline", None)
     if pipeline is not None:
@@ -126,6 +152,7 @@ async def metrics(request: Request) -> Response:
 
 
 async def admin_reload(request: Request) -> Response:
+    require_key(request, "admin")
     reloader: Reloader | None = request.app.state.reloader
     if reloader is None:
         raise ReloadRefused("this gateway was not started from a registry file")
@@ -143,4 +170,5 @@ ROUTES = [
     Route("/readyz", readyz, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
     Route("/admin/reload", admin_reload, methods=["POST"]),
+    Route("/openapi.json", openapi, methods=["GET"]),
 ]

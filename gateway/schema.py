@@ -8,6 +8,7 @@ module (and nothing else from the gateway), so both sides agree on one contract.
 from __future__ import annotations
 
 import math
+import re
 import secrets
 from typing import Annotated, Any, Literal
 
@@ -20,8 +21,15 @@ DEFAULT_FORMAT: Literal["jpeg"] = "jpeg"
 ResponseFormat = Literal["raw", "jpeg"]
 
 
+# One character that is not whitespace, whitespace being what `str.isspace` says,
+# spelled out: JSON Schema's `\S` (ECMA regex) would let "\x1c" through, which Python
+# counts as blank. The same pattern validates here and documents in /openapi.json.
+VISIBLE_CHAR = r"[^\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+_VISIBLE = re.compile(VISIBLE_CHAR)
+
+
 def _not_blank(text: str) -> str:
-    if not text.strip():
+    if not _VISIBLE.search(text):
         raise ValueError("prompt must contain non-whitespace text")
     return text
 
@@ -32,7 +40,11 @@ def _finite(value: float) -> float:
     return float(value)
 
 
-Prompt = Annotated[str, Field(min_length=1), AfterValidator(_not_blank)]
+Prompt = Annotated[
+    str,
+    Field(min_length=1, json_schema_extra={"pattern": VISIBLE_CHAR}),
+    AfterValidator(_not_blank),
+]
 Steps = Annotated[StrictInt, Field(ge=1, le=50)]
 # StrictFloat takes JSON integers (7 -> 7.0) but never strings or booleans.
 Guidance = Annotated[StrictFloat, AfterValidator(_finite)]
@@ -80,6 +92,49 @@ class ImageResponse(BaseModel):
     """A success: base64 of the image bytes (JPEG, or PNG for `raw`)."""
 
     image: str
+
+
+class ModelCard(BaseModel):
+    """One adapter in `GET /v1/models` (OpenAI's model object, plus routing facts)."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "image-gateway"
+    pool: str
+    aliases: list[str]
+    default: bool
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Status(BaseModel):
+    """`/healthz` and `/readyz`."""
+
+    status: str
+    registry: str | None = None
+    adapters_without_workers: list[str] | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every error but 422: one line saying what failed and why."""
+
+    detail: str
+
+
+class ValidationErrorItem(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ValidationErrorBody(BaseModel):
+    """422: FastAPI's shape, one item per broken rule."""
+
+    detail: list[ValidationErrorItem]
 
 
 def new_seed() -> int:

@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,14 +21,16 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 import uvicorn
 import yaml
 from aiohttp import web
 from starlette.applications import Starlette
 
 from gateway.app import create_app
+from gateway.auth import hash_key
 from gateway.balancer import Balancer, Clock, Pool
-from gateway.cli import free_port
+from gateway.cli import _fast, free_port
 from gateway.discovery import FakeResolver, Resolver
 from gateway.errors import UpstreamError
 from gateway.health import Prober
@@ -67,11 +69,14 @@ def sim_workers(*option_lists: Sequence[str]) -> Iterator[list[SimWorker]]:
 
 
 def registry_yaml(
-    pools: dict[str, Sequence[str | dict[str, Any]]],
+    pools: Mapping[str, Sequence[str | dict[str, Any]]],
     adapters: Sequence[dict[str, Any]] | None = None,
+    *,
+    sections: Mapping[str, Any] | None = None,
     **pool_options: Any,
 ) -> str:
-    """adapters.yaml text: each pool's workers by URL (or full dict), same options each."""
+    """adapters.yaml text: each pool's workers by URL (or full dict), same options each;
+    `sections` adds top-level sections (`auth`, `limits`)."""
     data: dict[str, Any] = {
         "pools": {
             name: {
@@ -83,16 +88,30 @@ def registry_yaml(
         "adapters": list(adapters)
         if adapters is not None
         else [{"name": name, "pool": name, "default": i == 0} for i, name in enumerate(pools)],
+        **(sections or {}),
     }
     return yaml.safe_dump(data, sort_keys=False)
 
 
 def make_registry(
-    pools: dict[str, Sequence[str | dict[str, Any]]],
+    pools: Mapping[str, Sequence[str | dict[str, Any]]],
     adapters: Sequence[dict[str, Any]] | None = None,
+    *,
+    sections: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
     **pool_options: Any,
 ) -> Registry:
-    return parse_registry(registry_yaml(pools, adapters, **pool_options))
+    text = registry_yaml(pools, adapters, sections=sections, **pool_options)
+    return parse_registry(text, env=env)
+
+
+def api_key(name: str, key: str, **options: Any) -> dict[str, Any]:
+    """One entry of `auth.keys`: the key's name and the sha256 of `key`."""
+    return {"name": name, "sha256": hash_key(key), **options}
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
 
 
 @dataclass
@@ -137,16 +156,25 @@ async def gateway_client(
 
 @asynccontextmanager
 async def gateway_server(registry: Registry) -> AsyncIterator[tuple[str, Starlette]]:
-    """The gateway under a real uvicorn in this process, on a free loopback port;
-    yields its URL and the app. For what only a real server does (disconnects)."""
+    """The gateway under a real uvicorn in this process's loop, on a free loopback port,
+    with the same server settings as `gateway serve` (bounded httptools, no Server
+    header); yields its URL and the app. For what only a real server does (disconnects,
+    raw bytes, head limits); quicker to start than `gateway_process`."""
     app = create_app(registry, resolver=FakeResolver())
-    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning")
+    config = _fast(
+        app,
+        log_level="warning",
+        port=free_port(),
+        max_header_bytes=registry.limits.max_header_bytes,
+        configure_logging=False,
+    )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     try:
         while not server.started:
             if task.done():
-                task.result()  # raises why it could not start
+                task.result()  # raises what stopped it
+                raise RuntimeError("gateway server exited during start-up")
             await asyncio.sleep(0.01)
         yield f"http://127.0.0.1:{config.port}", app
     finally:
@@ -341,19 +369,26 @@ def dead_url() -> str:
 
 
 @contextmanager
-def gateway_process(config_path: str, *extra: str) -> Iterator[str]:
-    """The real gateway under uvicorn in a child process; yields its base URL."""
-    with served_gateway(config_path, *extra) as (url, _):
+def gateway_process(
+    config_path: str, *extra: str, log_level: str = "warning", **popen: Any
+) -> Iterator[str]:
+    """The real gateway under uvicorn in a child process; yields its base URL.
+    `popen` goes to subprocess.Popen (`env`, `stderr` to capture its log)."""
+    with gateway_child(config_path, *extra, log_level=log_level, **popen) as (url, _):
         yield url
 
 
 @contextmanager
-def served_gateway(config_path: str, *extra: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def gateway_child(
+    config_path: str, *extra: str, log_level: str = "warning", **popen: Any
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """As gateway_process, with the process too (to signal it)."""
     port = free_port()
     cmd = [sys.executable, "-m", "gateway", "serve", "--config", config_path]
     proc = subprocess.Popen(
-        [*cmd, "--port", str(port), "--log-level", "warning", *extra], stdin=subprocess.DEVNULL
+        [*cmd, "--port", str(port), "--log-level", log_level, *extra],
+        stdin=subprocess.DEVNULL,
+        **popen,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -404,3 +439,69 @@ def prometheus_server(config: str, workdir: Path) -> Iterator[str]:
         finally:
             stop(proc, grace_s=10)
             shutil.rmtree(data, ignore_errors=True)
+
+
+@asynccontextmanager
+async def served_gateway(registry: Registry) -> AsyncIterator[str]:
+    """`gateway_server`'s URL alone."""
+    async with gateway_server(registry) as (url, _):
+        yield url
+
+
+@contextmanager
+def redis_server(port: int | None = None) -> Iterator[str]:
+    """A real redis-server on a loopback port (a free one unless given), no persistence;
+    yields its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("install redis-server (apt-get install -y redis-server)")
+    port = port or free_port()
+    args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    proc = subprocess.Popen([binary, *args], stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        _wait_redis(url, proc)
+        yield url
+    finally:
+        stop(proc)
+
+
+def _wait_redis(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
+    client = redis.Redis.from_url(url, socket_connect_timeout=0.5)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with code {proc.returncode}")
+            try:
+                if client.ping():
+                    return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise TimeoutError(f"{url}: redis-server not answering after {timeout_s}s")
+    finally:
+        client.close()
+
+
+async def raw_exchange(url: str, request: bytes, *, timeout_s: float = 5.0) -> bytes:
+    """Send raw bytes to a served gateway; everything it answers until it closes (or
+    until `timeout_s` passes, which fails the test: a hang)."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(request)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), timeout_s)
+    finally:
+        writer.close()
+
+
+def parse_raw(answer: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers (lower-cased names) and body of a raw HTTP/1.1 answer."""
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(status_line.split()[1]), headers, payload

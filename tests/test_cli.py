@@ -18,7 +18,7 @@ from gateway.cli import main
 from tests.support import SimWorker, body, gateway_process, registry_yaml, sim_workers
 
 
-def write_config(tmp_path: Path, urls: list[str], **pool_options: object) -> str:
+def write_config(tmp_path: Path, urls: list[str], **pool_options: Any) -> str:
     path = tmp_path / "adapters.yaml"
     adapters: list[dict[str, Any]] = [
         {"name": "sdxl-base", "pool": "sdxl", "default": True},

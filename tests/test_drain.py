@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.support import body, registry_yaml, served_gateway, sim_workers
+from tests.support import body, gateway_child, registry_yaml, sim_workers
 
 SLOW = ["--step-ms", "100", "--concurrency", "8", "--size", "32"]
 
@@ -26,7 +26,7 @@ def test_sigterm_drains_then_exits(tmp_path: Path) -> None:
         config = tmp_path / "adapters.yaml"
         config.write_text(registry_yaml({"p": [{"url": sim.url, "max_concurrency": 8}]}))
         grace = ["--drain-grace-s", "1", "--drain-timeout-s", "20"]
-        with served_gateway(str(config), *grace) as (url, proc):
+        with gateway_child(str(config), *grace) as (url, proc):
             in_flight: list[Future[int]] = [pool.submit(post, url, 20) for _ in range(3)]
             time.sleep(0.5)  # the three are at the worker now (each takes 2 s)
             proc.send_signal(signal.SIGTERM)
@@ -46,7 +46,7 @@ def test_the_hard_cap_ends_a_stuck_drain(tmp_path: Path) -> None:
         config = tmp_path / "adapters.yaml"
         config.write_text(registry_yaml({"p": [sim.url]}, timeout_s=60))
         grace = ["--drain-grace-s", "0.2", "--drain-timeout-s", "1"]
-        with served_gateway(str(config), *grace) as (url, proc):
+        with gateway_child(str(config), *grace) as (url, proc):
             stuck = pool.submit(post, url, 50)  # 5 s: longer than grace + cap
             time.sleep(0.5)
             started = time.monotonic()

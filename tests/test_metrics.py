@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import httpx
@@ -78,18 +79,27 @@ def test_several_processes_are_summed(tmp_path: Path, fast_sims: list[SimWorker]
     metrics_dir.mkdir()
     (metrics_dir / "counter_999999.db").write_bytes(b"stale")  # an earlier run's file
     served = gateway_process(str(config), "--workers", "2", "--metrics-dir", str(metrics_dir))
-    with served as url, httpx.Client(base_url=url) as client:
+    close = {"connection": "close"}  # a new connection each time: either process may answer
+    with served as url, httpx.Client(base_url=url, headers=close) as client:
         for _ in range(12):
-            # A new connection each time, so the kernel spreads them over both.
-            reply = client.post(
-                "/v1/images/generations", json=body(), headers={"connection": "close"}
-            )
-            assert reply.status_code == 200
-        text = client.get("/metrics").text
-        pids = {p.name.split("_")[-1] for p in metrics_dir.glob("counter_*.db")}
-    assert value(text, "gateway_requests_total", adapter="p", status="200") == 12
-    assert "999999.db" not in pids
-    assert len(pids) == 2
+            assert client.post("/v1/images/generations", json=body()).status_code == 200
+        # Counted just after the answer is sent, so poll; every scrape, whichever
+        # process answers it, must show the sum over both.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            totals = {
+                value(
+                    client.get("/metrics").text, "gateway_requests_total", adapter="p", status="200"
+                )
+                for _ in range(6)
+            }
+            if totals == {12}:
+                break
+            time.sleep(0.05)
+        pids = {p.stem.split("_")[-1] for p in metrics_dir.glob("*.db")}
+    assert totals == {12}
+    assert "999999" not in pids  # the stale file was cleaned at start
+    assert len(pids) == 2  # both processes keep their own files
 
 
 async def test_worker_try_retry_and_queue_metrics(fast_sims: list[SimWorker]) -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -167,3 +168,164 @@ def test_a_pool_takes_workers_or_discover_not_both() -> None:
     discover = parse_registry(dns_only).pools["flux"].discover
     assert discover is not None
     assert discover.url_for("10.1.2.3") == "http://10.1.2.3:8000"
+
+
+KEY_HASH = "A" * 64  # upper case: stored lower
+OTHER_HASH = "b" * 64
+GUARDED = (
+    GOOD
+    + f"""\
+limits: {{max_body_bytes: 4096, max_prompt_chars: 500}}
+auth:
+  keys:
+    - {{name: team-a, sha256: {KEY_HASH}, adapters: [sdxl-base], rate: {{per_s: 5}}}}
+    - {{name: team-b, sha256: {OTHER_HASH}, max_concurrent: 3}}
+  metrics_key_sha256: {"c" * 64}
+  redis_url: "redis://:${{REDIS_PASSWORD}}@redis.internal:6379/0"
+"""
+)
+ENV = {"REDIS_PASSWORD": "pw"}
+
+
+def test_auth_and_limits_sections_load() -> None:
+    registry = parse_registry(GUARDED, env=ENV)
+    assert registry.limits.max_body_bytes == 4096
+    assert registry.limits.max_header_bytes == 16384  # the default
+    assert registry.auth is not None
+    team_a = registry.auth.key_for("a" * 64)
+    assert team_a is not None
+    assert team_a.name == "team-a"
+    assert team_a.may_use("sdxl-base")
+    assert not team_a.may_use("pixel-art")
+    assert team_a.rate is not None
+    assert team_a.rate.capacity == 5
+    team_b = registry.auth.key_for(OTHER_HASH)
+    assert team_b is not None
+    assert team_b.may_use("flux-schnell")
+    assert registry.auth.redis_url == "redis://:pw@redis.internal:6379/0"
+    for secret in ("a" * 64, OTHER_HASH, "c" * 64, ":pw@"):
+        assert secret not in repr(registry)
+
+
+def test_no_sections_means_open_with_default_limits() -> None:
+    registry = parse_registry(GOOD)
+    assert registry.auth is None
+    assert registry.limits.max_body_bytes == 65536
+    assert registry.limits.max_prompt_chars == 4000
+
+
+def guarded_edit(old: str, new: str) -> str:
+    assert old in GUARDED
+    return GUARDED.replace(old, new)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (guarded_edit(KEY_HASH, "abc"), r":17: auth\.keys\.0\.sha256: String should match"),
+        (guarded_edit("name: team-b", "name: team-a"), r":18: auth\.keys\.1\.name: .*used twice"),
+        (
+            guarded_edit("adapters: [sdxl-base]", "adapters: [sdxl-base, pixelart]"),
+            r":17: auth\.keys\.0\.adapters\.1: unknown adapter 'pixelart' \(adapter names: ",
+        ),
+        (
+            guarded_edit(OTHER_HASH, KEY_HASH.lower()),
+            r":18: auth\.keys\.1\.sha256: same key hash as key 'team-a'",
+        ),
+        (
+            guarded_edit("c" * 64, OTHER_HASH),
+            r":19: auth\.metrics_key_sha256: same key hash as key 'team-b'",
+        ),
+        (
+            guarded_edit(KEY_HASH, hashlib.sha256(b"").hexdigest()),
+            r"auth\.keys\.0\.sha256: that is the hash of an empty key",
+        ),
+        (guarded_edit("per_s: 5", "per_s: 0"), r":17: auth\.keys\.0\.rate\.per_s"),
+        (guarded_edit("max_concurrent: 3", "max_concurrent: 0"), r"auth\.keys\.1\.max_concurrent"),
+        (guarded_edit("redis://:", "http://:"), r":20: auth\.redis_url: .*redis://"),
+        (
+            guarded_edit("${REDIS_PASSWORD}", "${NO_SUCH_VAR}"),
+            r":20: auth\.redis_url: .*environment variable NO_SUCH_VAR is not set",
+        ),
+        (
+            guarded_edit("max_body_bytes: 4096", "max_body_bytes: 10"),
+            r":14: limits\.max_body_bytes",
+        ),
+        (guarded_edit("max_prompt_chars", "max_prompt_char"), r":14: limits\.max_prompt_char"),
+        (
+            guarded_edit("  keys:\n", "  keys: []\n  old_keys:\n"),
+            r":16: auth\.keys: Tuple should have at least 1",
+        ),
+    ],
+)
+def test_bad_auth_and_limits_are_refused_naming_line_and_key(text: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected) as info:
+        parse_registry(text, source="adapters.yaml", env=ENV)
+    for secret in (KEY_HASH, KEY_HASH.lower(), OTHER_HASH, "pw"):
+        assert secret not in str(info.value).replace("password", "")
+
+
+POOL_HEADERS = edit(
+    "    protocol: friendli-container\n",
+    "    protocol: friendli-container\n"
+    '    headers: {Authorization: "Bearer ${SDXL_TOKEN}", X-Team: images}\n',
+)
+
+
+def test_pool_headers_are_expanded_from_the_environment() -> None:
+    registry = parse_registry(POOL_HEADERS, env={"SDXL_TOKEN": "s3cret"})
+    assert dict(registry.pools["sdxl"].headers) == {
+        "Authorization": "Bearer s3cret",
+        "X-Team": "images",
+    }
+    assert dict(registry.pools["flux"].headers) == {}
+    assert "s3cret" not in repr(registry)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "env", "expected"),
+    [
+        (
+            "${SDXL_TOKEN}",
+            "${SDXL_TOKEN}",
+            {},
+            r":4: pools\.sdxl\.headers\.Authorization: .*variable SDXL_TOKEN is not set",
+        ),
+        ("X-Team", "Connection", {"SDXL_TOKEN": "t"}, r"pools\.sdxl\.headers\.Connection"),
+        ("X-Team", "Proxy-Authorization", {"SDXL_TOKEN": "t"}, r"headers\.Proxy-Authorization"),
+        (
+            "X-Team",
+            "Host",
+            {"SDXL_TOKEN": "t"},
+            r"pools\.sdxl\.headers\.Host: .*set by the gateway",
+        ),
+        ("X-Team", '"Bad Name"', {"SDXL_TOKEN": "t"}, r"not a valid header name"),
+        ("${SDXL_TOKEN}", "${SDXL_TOKEN}", {"SDXL_TOKEN": "a\r\nX-Evil: 1"}, r"CR, LF or NUL"),
+    ],
+)
+def test_bad_pool_headers_are_refused_at_load(
+    old: str, new: str, env: dict[str, str], expected: str
+) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        parse_registry(POOL_HEADERS.replace(old, new), source="adapters.yaml", env=env)
+
+
+def test_aliases_that_multiply_or_loop_are_refused_quickly() -> None:
+    laughs = "a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+    for level in "bcdefghij":
+        prev = chr(ord(level) - 1)
+        laughs += f"{level}: &{level} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}]\n"
+    with pytest.raises(ConfigError, match="more than 100000 values once aliases expand"):
+        parse_registry(laughs)
+    with pytest.raises(ConfigError, match="more than 100000 values"):
+        parse_registry("pools: &p [*p]\nadapters: []\n")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        parse_registry("pools: " + "[" * 5000 + "]" * 5000 + "\n")
+
+
+def test_aliases_within_bounds_still_work() -> None:
+    text = GOOD.replace(
+        '      - {url: "https://flux.internal:8000"}',
+        '      - &w {url: "https://flux.internal:8000"}',
+    ).replace("adapters:\n", "  extra:\n    workers: [*w]\nadapters:\n")
+    assert parse_registry(text).pools["extra"].workers[0].url == "https://flux.internal:8000"

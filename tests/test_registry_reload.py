@@ -13,7 +13,7 @@ import pytest
 from gateway.errors import ConfigError
 from gateway.metrics import Metrics
 from gateway.registry import Registry, RegistryFile, Reloader, load_registry
-from tests.support import SimWorker, body, gateway, registry_yaml, served_gateway
+from tests.support import SimWorker, body, gateway, gateway_child, registry_yaml
 
 
 def two_versions(sims: list[SimWorker]) -> tuple[str, str]:
@@ -117,11 +117,11 @@ async def test_file_watcher_picks_up_a_change(tmp_path: Path, fast_sims: list[Si
     assert ids == ["a", "b"]
 
 
-def test_sighup_reloads_a_served_gateway(tmp_path: Path, fast_sims: list[SimWorker]) -> None:
+def test_sighup_reloads_a_gateway_child(tmp_path: Path, fast_sims: list[SimWorker]) -> None:
     one, two = two_versions(fast_sims)
     path = tmp_path / "adapters.yaml"
     path.write_text(one)
-    with served_gateway(str(path), "--reload-every-s", "3600") as (url, proc):
+    with gateway_child(str(path), "--reload-every-s", "3600") as (url, proc):
         path.write_text(two)
         proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 10

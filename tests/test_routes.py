@@ -165,3 +165,25 @@ async def test_request_id_is_echoed_when_safe_and_replaced_when_not(
     assert replaced.headers["x-request-id"] != "bad id\twith spaces"
     assert len(replaced.headers["x-request-id"]) == 32
     assert error.headers["x-request-id"] == "err-1"
+
+
+async def test_a_prompt_over_max_prompt_chars_is_422_naming_the_field(
+    fast_sims: list[SimWorker],
+) -> None:
+    registry = make_registry(
+        {"sdxl": [fast_sims[0].url]}, sections={"limits": {"max_prompt_chars": 100}}
+    )
+    async with gateway_client(registry) as client:
+        long = await client.post("/v1/images/generations", json=body(prompt="é" * 101))
+        fits = await client.post("/v1/images/generations", json=body(prompt="é" * 100))
+    assert long.status_code == 422
+    assert long.json() == {
+        "detail": [
+            {
+                "loc": ["body", "prompt"],
+                "msg": "String should have at most 100 characters",
+                "type": "string_too_long",
+            }
+        ]
+    }
+    assert fits.status_code == 200  # characters, not bytes: 100 of them are 200 bytes

@@ -1,12 +1,19 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
-from gateway.schema import MAX_SEED, ImageGenerationBody, WorkerRequest, error_list
+from gateway.schema import (
+    MAX_SEED,
+    VISIBLE_CHAR,
+    ImageGenerationBody,
+    WorkerRequest,
+    error_list,
+)
 from tests.support import body
 
 
@@ -77,3 +84,12 @@ def test_worker_request_decides_every_optional_field() -> None:
     seeded = WorkerRequest.from_body(parsed.model_copy(update={"seed": 7}), upstream_model=None)
     assert seeded.seed == 7
     assert seeded.model is None
+
+
+def test_blank_means_what_python_calls_whitespace_in_parser_and_document() -> None:
+    whitespace = [chr(c) for c in range(0x110000) if chr(c).isspace()]
+    visible = re.compile(VISIBLE_CHAR)
+    assert not any(visible.match(ch) for ch in whitespace)
+    assert all(visible.match(ch) for ch in "a\u00e9\u4e2d\ufeff\x00\x7f")
+    for blank in ("\x1c", " \u3000\t", "\u2028"):
+        assert invalid_field(body(prompt=blank)) == [["body", "prompt"]]

@@ -87,5 +87,8 @@ def _message(body: bytes) -> str:
         text = data.get("detail") or data.get("message") or data if isinstance(data, dict) else data
     except ValueError:
         text = body.decode("utf-8", "replace")
-    line = " ".join(str(text).split())
+    # The message may come before a traceback, never with it: what follows names files,
+    # modules and often addresses inside the worker.
+    text = str(text).split("Traceback (most recent call last)", 1)[0]
+    line = " ".join(text.split())
     return line[:_MAX_MESSAGE] or "(no message)"

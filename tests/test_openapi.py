@@ -1,0 +1,46 @@
+"""The OpenAPI document: generated from the pydantic models, served at /openapi.json."""
+
+from __future__ import annotations
+
+from gateway.openapi import openapi_document
+from gateway.schema import ImageGenerationBody
+from tests.support import api_key, gateway_client, make_registry
+
+WORKERS = {"p": ["http://127.0.0.1:9"]}
+
+
+def test_document_describes_the_api_from_the_models() -> None:
+    doc = openapi_document(make_registry(WORKERS, sections={"limits": {"max_prompt_chars": 99}}))
+    assert doc["openapi"] == "3.1.0"
+    assert set(doc["paths"]) == {"/v1/images/generations", "/v1/models", "/healthz", "/readyz"}
+    schemas = doc["components"]["schemas"]
+    assert {"ImageGenerationBody", "ImageResponse", "ErrorBody", "ValidationErrorBody"} <= set(
+        schemas
+    )
+    body = schemas["ImageGenerationBody"]
+    assert body["required"] == ["prompt", "num_inference_steps", "guidance_scale"]
+    assert body["properties"]["prompt"]["maxLength"] == 99
+    model_fields = ImageGenerationBody.model_json_schema()["properties"]
+    assert set(body["properties"]) == set(model_fields)
+    generate = doc["paths"]["/v1/images/generations"]["post"]
+    assert {"200", "401", "403", "404", "413", "415", "422", "429", "502", "504"} <= set(
+        generate["responses"]
+    )
+    assert generate["security"] == []  # an open gateway
+
+
+def test_document_asks_for_a_bearer_key_when_auth_is_on() -> None:
+    auth = {"keys": [api_key("team-a", "k")]}
+    doc = openapi_document(make_registry(WORKERS, sections={"auth": auth}))
+    assert doc["paths"]["/v1/images/generations"]["post"]["security"] == [{"bearer": []}]
+    assert doc["paths"]["/healthz"]["get"]["security"] == []
+    assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+
+
+async def test_served_at_openapi_json_without_a_key() -> None:
+    registry = make_registry(WORKERS, sections={"auth": {"keys": [api_key("team-a", "k")]}})
+    async with gateway_client(registry) as client:
+        resp = await client.get("/openapi.json")
+    assert resp.status_code == 200
+    assert resp.headers["content-type"] == "application/json"
+    assert resp.json() == openapi_document(registry)
