@@ -2,6 +2,8 @@
 
     GatewayError                       every error the gateway raises on purpose
     ├── ConfigError                    adapters.yaml refused (never reaches a client)
+    ├── CacheUnavailable               the cache store failed or timed out (never
+    │                                  reaches a client: the cache fails open)
     └── RequestError                   ends a client's request; carries status + detail
         ├── ValidationFailed   422     the body broke the schema (detail is a list)
         ├── UnsupportedMediaType 415   the body is not JSON
@@ -13,7 +15,7 @@
             ├── WorkerFailed      502  a worker answered 5xx (or 429)
             └── UpstreamTimeout   504  a worker took longer than the pool's deadline
 
-Foreign exceptions (aiohttp, pydantic, OSError) are translated where they are caught,
+Foreign exceptions (aiohttp, redis, pydantic, OSError) are translated where they are caught,
 with `raise ... from exc`; `error_response` is the single table from error to HTTP.
 Messages name adapters, pools and worker names, never worker addresses.
 """
@@ -35,6 +37,11 @@ class GatewayError(Exception):
 
 class ConfigError(GatewayError):
     """The registry file was refused; the message names the file, line and key."""
+
+
+class CacheUnavailable(GatewayError):
+    """A cache call failed, timed out or was refused by the store. `gateway.cache`
+    counts it and carries on as a miss; it is never turned into a response."""
 
 
 class RequestError(GatewayError):
