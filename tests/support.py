@@ -1,4 +1,5 @@
-"""Real servers on loopback for tests: sim workers, a scripted worker, the gateway.
+"""Real servers on loopback for tests: sim workers, a scripted worker, the gateway,
+redis-server (plain, TLS or a one-node cluster) and a socket that never answers.
 
 Every server here listens on 127.0.0.1 on a free port and is stopped by its owner.
 """
@@ -7,16 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 import yaml
 from aiohttp import web
+from starlette.applications import Starlette
 
 from gateway.app import create_app
 from gateway.cli import free_port
@@ -51,12 +59,20 @@ def sim_workers(*option_lists: Sequence[str]) -> Iterator[list[SimWorker]]:
             stop(worker.proc)
 
 
+def generations(workers: Sequence[SimWorker]) -> int:
+    """Images drawn so far by these sim workers, all together."""
+    return sum(int(worker.stats()["generations"]) for worker in workers)
+
+
 def registry_yaml(
     pools: dict[str, Sequence[str | dict[str, Any]]],
     adapters: Sequence[dict[str, Any]] | None = None,
+    *,
+    cache: dict[str, Any] | None = None,
     **pool_options: Any,
 ) -> str:
-    """adapters.yaml text: each pool's workers by URL (or full dict), same options each."""
+    """adapters.yaml text: each pool's workers by URL (or full dict), same options each,
+    and the `cache:` section when given."""
     data: dict[str, Any] = {
         "pools": {
             name: {
@@ -69,25 +85,36 @@ def registry_yaml(
         if adapters is not None
         else [{"name": name, "pool": name, "default": i == 0} for i, name in enumerate(pools)],
     }
+    if cache is not None:
+        data["cache"] = cache
     return yaml.safe_dump(data, sort_keys=False)
 
 
 def make_registry(
     pools: dict[str, Sequence[str | dict[str, Any]]],
     adapters: Sequence[dict[str, Any]] | None = None,
+    *,
+    cache: dict[str, Any] | None = None,
     **pool_options: Any,
 ) -> Registry:
-    return parse_registry(registry_yaml(pools, adapters, **pool_options))
+    return parse_registry(registry_yaml(pools, adapters, cache=cache, **pool_options))
 
 
 @asynccontextmanager
-async def gateway_client(registry: Registry) -> AsyncIterator[httpx.AsyncClient]:
-    """The gateway app in memory (lifespan run), driven through httpx.ASGITransport."""
+async def gateway_app(registry: Registry) -> AsyncIterator[tuple[Starlette, httpx.AsyncClient]]:
+    """The gateway app in memory (lifespan run) and an httpx client driving it through
+    httpx.ASGITransport; the app is there for its state (the pipeline, the cache)."""
     app = create_app(registry)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
-            yield client
+            yield app, client
+
+
+@asynccontextmanager
+async def gateway_client(registry: Registry) -> AsyncIterator[httpx.AsyncClient]:
+    async with gateway_app(registry) as (_, client):
+        yield client
 
 
 def body(**overrides: Any) -> dict[str, Any]:
@@ -171,3 +198,148 @@ def gateway_process(config_path: str, *extra: str) -> Iterator[str]:
         yield url
     finally:
         stop(proc)
+
+
+REDIS_MISSING = "redis-server not found: install redis-server (apt-get install -y redis-server)"
+OPENSSL_MISSING = "openssl not found: install openssl (apt-get install -y openssl)"
+
+
+@dataclass
+class RedisServer:
+    """A real redis-server on 127.0.0.1, no persistence; kill() and start() again on the
+    same port to play an outage."""
+
+    port: int
+    options: Sequence[str]
+    workdir: Path
+    url: str
+    proc: subprocess.Popen[bytes] | None = None
+    client_options: dict[str, Any] = field(default_factory=dict)
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError(REDIS_MISSING)
+        persistence = ["--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
+        log = ["--logfile", str(self.workdir / "redis.log")]
+        cmd = [binary, "--bind", "127.0.0.1", *persistence, *log, *self.options]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        self._wait_ready()
+
+    def _wait_ready(self, timeout_s: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited: {self.log_tail()}")
+            try:
+                with self.client() as client:
+                    client.ping()
+                    return
+            except redis.RedisError:
+                time.sleep(0.02)
+        raise TimeoutError(f"redis-server not answering after {timeout_s}s: {self.log_tail()}")
+
+    def log_tail(self) -> str:
+        path = self.workdir / "redis.log"
+        return path.read_text()[-2000:] if path.exists() else "(no log)"
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, not a shutdown; with no persistence every key is gone."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    @contextmanager
+    def client(self) -> Iterator[redis.Redis]:
+        """A blocking client for the test's own looks at the server."""
+        client = redis.Redis(
+            host="127.0.0.1", port=self.port, socket_timeout=5, **self.client_options
+        )
+        try:
+            yield client
+        finally:
+            client.close()
+
+    def info(self, section: str) -> dict[str, Any]:
+        with self.client() as client:
+            data: dict[str, Any] = client.info(section)
+            return data
+
+
+@contextmanager
+def redis_server(*options: str, tls: bool = False, cluster: bool = False) -> Iterator[RedisServer]:
+    """redis-server on a free loopback port, stopped at exit. `tls`: rediss:// with a
+    fresh self-signed certificate; `cluster`: a one-node Redis Cluster owning every slot."""
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="redis-") as tmp:
+        workdir = Path(tmp)
+        server = RedisServer(
+            port, ["--port", str(port), *options], workdir, f"redis://127.0.0.1:{port}"
+        )
+        if tls:
+            _serve_tls(server)
+        if cluster:
+            # The cluster bus needs a port too: a free one, not the default port + 10000.
+            bus = ["--cluster-port", str(free_port())]
+            conf = ["--cluster-config-file", str(workdir / "nodes.conf")]
+            server.options = [*server.options, "--cluster-enabled", "yes", *conf, *bus]
+        try:
+            server.start()
+            if cluster:
+                _own_every_slot(server)
+            yield server
+        finally:
+            server.kill()
+
+
+def _serve_tls(server: RedisServer) -> None:
+    cert, key = server.workdir / "cert.pem", server.workdir / "key.pem"
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise RuntimeError(OPENSSL_MISSING)
+    subject = ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+    keys = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    files = ["-keyout", str(key), "-out", str(cert), "-days", "1"]
+    subprocess.run(
+        [openssl, "req", "-x509", *keys, *subject, *files], check=True, capture_output=True
+    )
+    tls = [
+        "--tls-cert-file",
+        str(cert),
+        "--tls-key-file",
+        str(key),
+        "--tls-ca-cert-file",
+        str(cert),
+    ]
+    server.options = [
+        "--port",
+        "0",
+        "--tls-port",
+        str(server.port),
+        *tls,
+        "--tls-auth-clients",
+        "no",
+    ]
+    server.url = f"rediss://127.0.0.1:{server.port}/0?ssl_ca_certs={cert}"
+    server.client_options = {"ssl": True, "ssl_ca_certs": str(cert)}
+
+
+def _own_every_slot(server: RedisServer, timeout_s: float = 10.0) -> None:
+    with server.client() as client:
+        client.cluster("ADDSLOTS", *range(16384))
+        deadline = time.monotonic() + timeout_s
+        while client.cluster("info")["cluster_state"] != "ok":
+            if time.monotonic() > deadline:
+                raise TimeoutError("one-node Redis Cluster did not come up")
+            time.sleep(0.02)
+
+
+@contextmanager
+def blackhole() -> Iterator[str]:
+    """A redis:// URL whose port accepts connections and never answers a byte: the
+    kernel completes the handshake from the listen backlog, and nobody ever reads."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(512)
+        yield f"redis://127.0.0.1:{sock.getsockname()[1]}"
