@@ -360,7 +360,7 @@ class Breaker:
         self.open_until = self._clock() + self.cooldown_s
         self.probing = False
         logger.warning(
-            "cache unavailable after %d failures in a row (%s); bypassing it for %.1f s",
+            "cache unavailable (%d failures in a row, last: %s); bypassing it for %.1f s",
             self.failures,
             exc,
             self.cooldown_s,
