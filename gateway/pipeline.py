@@ -1,8 +1,8 @@
 """The flow of one generation, step by step, as design.md lists it:
 
-validate body -> resolve adapter -> (cache key -> lookup -> coalesce) ->
+validate body -> resolve adapter -> cache key -> cache lookup -> coalesce ->
 admit into the pool -> pick a worker -> forward (retry another worker) ->
-(store in cache) -> respond.
+store in cache -> respond.
 
 Each step is one neighbour's job; this module only puts them in order.
 """
@@ -11,13 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 
 import aiohttp
 
 from gateway.balancer import Balancer, Pool, Worker
+from gateway.cache import CachePolicy, ResultCache
+from gateway.coalesce import Coalescer, Produced
 from gateway.errors import UpstreamError, WorkerUnreachable
 from gateway.protocols import protocol_for
-from gateway.registry import Registry
+from gateway.registry import AdapterSpec, Registry
 from gateway.schema import ImageGenerationBody, WorkerRequest
 
 
@@ -32,23 +35,59 @@ class Generation:
 
 class Pipeline:
     def __init__(
-        self, *, registry: Registry, balancer: Balancer, session: aiohttp.ClientSession
+        self,
+        *,
+        registry: Registry,
+        balancer: Balancer,
+        session: aiohttp.ClientSession,
+        cache: ResultCache,
+        coalescer: Coalescer,
     ) -> None:
         self.registry = registry  # replaced whole on reload; each request reads it once
         self.balancer = balancer
         self.session = session
+        self.cache = cache
+        self.coalescer = coalescer
 
-    async def generate(self, body: ImageGenerationBody, *, request_id: str) -> Generation:
+    async def generate(
+        self,
+        body: ImageGenerationBody,
+        *,
+        request_id: str,
+        cache_policy: CachePolicy = CachePolicy.USE,
+    ) -> Generation:
         registry = self.registry
         adapter = registry.resolve(body.model)
+        # The seed is decided here (a random one when the client gave none): the worker
+        # draws with it, the cache files the image under it and X-Seed returns it.
         job = WorkerRequest.from_body(body, upstream_model=adapter.upstream_model)
+        policy = self.cache.policy(cache_policy)
+        key = self.cache.key(adapter, job)
+        found = await self.cache.lookup(key, policy)
+        if found.body is not None:
+            return Generation(found.body, job.seed, adapter.name, found.status, "")
+        headers = {"X-Request-ID": request_id}
+        produce = partial(self._generate, adapter, job, key, policy, headers)
+        made = await self.coalescer.run(key, produce, policy=policy)
+        return Generation(made.body, job.seed, adapter.name, found.status, made.worker)
+
+    async def _generate(
+        self,
+        adapter: AdapterSpec,
+        job: WorkerRequest,
+        key: str,
+        policy: CachePolicy,
+        headers: Mapping[str, str],
+    ) -> Produced:
+        """One generation, shared by every request coalesced onto it: forward, store."""
         pool = self.balancer.pool(adapter.pool)
         try:
-            image, worker = await self._forward(pool, job, {"X-Request-ID": request_id})
+            image, worker = await self._forward(pool, job, headers)
         except UpstreamError as exc:
             exc.detail = f"adapter {adapter.name!r}: {exc.detail}"
             raise
-        return Generation(image, job.seed, adapter.name, "bypass", worker.name)
+        await self.cache.store(key, image, policy)
+        return Produced(image, worker.name)
 
     async def _forward(
         self, pool: Pool, job: WorkerRequest, headers: Mapping[str, str]

@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway.cache import policy_from_cache_control
 from gateway.errors import UnsupportedMediaType, ValidationFailed
 from gateway.pipeline import Pipeline
 from gateway.schema import ImageGenerationBody, error_list
@@ -21,7 +22,8 @@ from gateway.schema import ImageGenerationBody, error_list
 async def generate_image(request: Request) -> Response:
     body = await _parse_body(request)
     pipeline: Pipeline = request.app.state.pipeline
-    result = await pipeline.generate(body, request_id=request.state.request_id)
+    policy = policy_from_cache_control(request.headers.get("cache-control"))
+    result = await pipeline.generate(body, request_id=request.state.request_id, cache_policy=policy)
     headers = {"X-Seed": str(result.seed), "X-Cache": result.cache, "X-Adapter": result.adapter}
     # The worker's bytes as they came: never parsed, never re-encoded.
     return Response(result.body, media_type="application/json", headers=headers)
