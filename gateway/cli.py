@@ -19,7 +19,7 @@ from starlette.types import ASGIApp
 
 from gateway.app import create_app
 from gateway.errors import ConfigError
-from gateway.registry import Registry, load_registry
+from gateway.registry import CacheSpec, Registry, load_registry, redacted
 from gateway.simworker import SimConfig, create_sim_app, spawn, stop, wait_healthy
 
 
@@ -131,7 +131,19 @@ def routing_table(registry: Registry) -> str:
         lines.append(f"{' | '.join(names)}{mark} -> pool {adapter.pool} ({pool.protocol})")
         for worker in pool.workers:
             lines.append(f"    {worker.url}  max_concurrency={worker.max_concurrency}")
+    lines.append(cache_line(registry.cache))
     return "\n".join(lines)
+
+
+def cache_line(spec: CacheSpec) -> str:
+    """Where results are cached, without the URL's password."""
+    if not spec.enabled:
+        return "cache: off"
+    if spec.url is None:
+        store = f"in-process memory, at most {spec.memory_max_bytes / 2**20:g} MiB"
+    else:
+        store = f"{'Redis Cluster' if spec.cluster else 'Redis'} {redacted(spec.url)}"
+    return f"cache: {store}; namespace {spec.namespace}, ttl {spec.ttl_s:g} s"
 
 
 def sim_worker(args: argparse.Namespace) -> int:

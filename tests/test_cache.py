@@ -6,6 +6,7 @@ import json
 import math
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +24,7 @@ from gateway.cache import (
     open_cache,
     policy_from_cache_control,
 )
+from gateway.cli import main
 from gateway.errors import CacheUnavailable, ConfigError
 from gateway.registry import AdapterSpec, CacheSpec, parse_registry, redacted, with_redis_url
 from gateway.schema import MAX_SEED, ImageGenerationBody, WorkerRequest
@@ -346,3 +348,18 @@ def test_cache_section_defaults_and_env_url() -> None:
     assert redacted(spec.url) == "rediss://***@cache:6380"
     with pytest.raises(ConfigError, match=r"GATEWAY_REDIS_URL: .*redis://"):
         with_redis_url(registry.cache, "memcached://x", source="GATEWAY_REDIS_URL")
+
+
+def test_check_prints_where_results_are_cached_without_the_password(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "adapters.yaml"
+    text = registry_yaml({"sdxl": ["http://127.0.0.1:9001"]})
+    path.write_text(text + "cache: {url: 'rediss://:hunter2@cache:6380/0', ttl_s: 60}\n")
+    assert main(["check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "cache: Redis rediss://***@cache:6380/0; namespace gateway, ttl 60 s" in out
+    assert "hunter2" not in out
+    path.write_text(text)
+    assert main(["check", str(path)]) == 0
+    assert "cache: in-process memory, at most 256 MiB" in capsys.readouterr().out
