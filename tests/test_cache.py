@@ -35,14 +35,16 @@ FLUX = AdapterSpec(name="flux-schnell", pool="flux", ignore=("guidance_scale",))
 
 prompts = st.text(min_size=1, max_size=40).filter(lambda text: bool(text.strip()))
 guidances = st.floats(allow_nan=False, allow_infinity=False, width=64)
+# Every input that decides the image, each with every value it may take.
+CHANGES: dict[str, st.SearchStrategy[Any]] = {
+    "prompt": prompts,
+    "num_inference_steps": st.integers(1, 50),
+    "guidance_scale": guidances,
+    "seed": st.integers(0, MAX_SEED),
+    "response_format": st.sampled_from(["jpeg", "raw"]),
+}
 requests = st.fixed_dictionaries(
-    {
-        "prompt": prompts,
-        "num_inference_steps": st.integers(1, 50),
-        "guidance_scale": guidances,
-        "seed": st.integers(0, MAX_SEED),
-        "response_format": st.sampled_from([None, "jpeg", "raw"]),
-    }
+    {**CHANGES, "response_format": st.sampled_from([None, "jpeg", "raw"])}
 )
 
 
@@ -95,15 +97,6 @@ def test_key_ignores_how_the_json_is_written(
         variant.append(("response_format", "null"))
     order.shuffle(variant)
     assert key_of(to_json(variant)) == expected
-
-
-CHANGES: dict[str, st.SearchStrategy[Any]] = {
-    "prompt": prompts,
-    "num_inference_steps": st.integers(1, 50),
-    "guidance_scale": guidances,
-    "seed": st.integers(0, MAX_SEED),
-    "response_format": st.sampled_from(["jpeg", "raw"]),
-}
 
 
 @given(request=requests, field=st.sampled_from(sorted(CHANGES)), data=st.data())

@@ -51,6 +51,12 @@ def counted(cache: ResultCache) -> CacheCounters:
     return cache.observer
 
 
+def start(coalescer: Coalescer, produce: Generator, n: int) -> list[asyncio.Task[Produced]]:
+    """`n` identical requests, in flight together."""
+    run = coalescer.run
+    return [asyncio.create_task(run(KEY, produce, policy=CachePolicy.USE)) for _ in range(n)]
+
+
 async def settle() -> None:
     for _ in range(5):
         await asyncio.sleep(0)
@@ -59,9 +65,7 @@ async def settle() -> None:
 async def test_identical_requests_in_flight_share_one_generation() -> None:
     cache = memory_cache()
     coalescer, produce = Coalescer(cache=cache), Generator(cache)
-    waiters = [
-        asyncio.create_task(coalescer.run(KEY, produce, policy=CachePolicy.USE)) for _ in range(50)
-    ]
+    waiters = start(coalescer, produce, 50)
     await settle()
     produce.release.set()
     results = await asyncio.gather(*waiters)
@@ -81,9 +85,7 @@ async def test_no_cache_and_no_store_get_a_generation_of_their_own(policy: Cache
 
 async def test_a_waiter_that_leaves_does_not_cancel_the_others() -> None:
     coalescer, produce = Coalescer(cache=memory_cache()), Generator()
-    waiters = [
-        asyncio.create_task(coalescer.run(KEY, produce, policy=CachePolicy.USE)) for _ in range(3)
-    ]
+    waiters = start(coalescer, produce, 3)
     await settle()
     waiters[0].cancel()  # the first one: the request that started the generation
     await settle()
@@ -95,9 +97,7 @@ async def test_a_waiter_that_leaves_does_not_cancel_the_others() -> None:
 
 async def test_the_last_waiter_leaving_stops_the_generation() -> None:
     coalescer, produce = Coalescer(cache=memory_cache()), Generator()
-    waiters = [
-        asyncio.create_task(coalescer.run(KEY, produce, policy=CachePolicy.USE)) for _ in range(2)
-    ]
+    waiters = start(coalescer, produce, 2)
     await settle()
     for waiter in waiters:
         waiter.cancel()
@@ -111,9 +111,7 @@ async def test_the_last_waiter_leaving_stops_the_generation() -> None:
 
 async def test_a_failed_generation_fails_every_waiter_and_is_not_remembered() -> None:
     coalescer, produce = Coalescer(cache=memory_cache()), Generator(fail=True)
-    waiters = [
-        asyncio.create_task(coalescer.run(KEY, produce, policy=CachePolicy.USE)) for _ in range(10)
-    ]
+    waiters = start(coalescer, produce, 10)
     await settle()
     produce.release.set()
     async with asyncio.timeout(5):  # nobody hangs
