@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import os
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -13,44 +16,114 @@ from starlette.middleware import Middleware
 from gateway.balancer import Balancer
 from gateway.cache import open_cache
 from gateway.coalesce import Coalescer
+from gateway.drain import Drain
 from gateway.errors import EXCEPTION_HANDLERS
-from gateway.middleware import RequestIdMiddleware
+from gateway.metrics import CacheMetrics, Metrics
+from gateway.middleware import ObserveMiddleware, RequestIdMiddleware
 from gateway.pipeline import Pipeline
 from gateway.protocols import open_worker_session
-from gateway.registry import Registry, load_registry, with_redis_url
+from gateway.registry import Registry, RegistryFile, Reloader, load_registry, with_redis_url
 from gateway.routes import ROUTES
 
+ENV_CONFIG = "GATEWAY_CONFIG"
+ENV_DRAIN_GRACE_S = "GATEWAY_DRAIN_GRACE_S"
+ENV_RELOAD_EVERY_S = "GATEWAY_RELOAD_EVERY_S"
+ENV_REDIS_URL = "GATEWAY_REDIS_URL"  # wins over the file's cache url: secrets come by env
 
-def create_app(registry: Registry) -> Starlette:
-    # An env URL wins over the file's, as deployments set secrets (and a password is one).
-    spec = with_redis_url(
-        registry.cache, os.environ.get("GATEWAY_REDIS_URL"), source="GATEWAY_REDIS_URL"
-    )
+
+def create_app(
+    registry: Registry,
+    *,
+    source: RegistryFile | None = None,
+    drain: Drain | None = None,
+    metrics: Metrics | None = None,
+    reload_every_s: float = 2.0,
+    signals: bool = False,
+) -> Starlette:
+    """`source`: the registry's file, for reloads; `signals`: take SIGHUP (reload) and
+    SIGTERM (drain) — only for a served process, never inside tests' event loops."""
+    metrics = metrics or Metrics()
+    drain = drain or Drain(grace_s=0.0)
+    cache_spec = with_redis_url(registry.cache, os.environ.get(ENV_REDIS_URL), source=ENV_REDIS_URL)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        # The cache's store is chosen once per process: a reload that changes the cache
-        # section takes effect at the next restart.
-        async with open_worker_session(registry) as session, open_cache(spec) as cache:
-            app.state.pipeline = Pipeline(
+        # The cache's store is chosen once per process, from the registry it started
+        # with: a reload that changes the cache section applies at the next restart.
+        cache_observer = CacheMetrics(metrics)
+        async with (
+            open_worker_session(registry) as session,
+            open_cache(cache_spec, observer=cache_observer) as cache,
+        ):
+            pipeline = Pipeline(
                 registry=registry,
                 balancer=Balancer(registry),
                 session=session,
                 cache=cache,
                 coalescer=Coalescer(cache=cache),
             )
-            # Start-up objects live for the process: keep them out of every GC pass.
-            gc.freeze()
-            yield
+            reloader = _reloader(source, pipeline, metrics)
+            app.state.pipeline, app.state.reloader = pipeline, reloader
+            metrics.set_registry(registry.digest)
+            async with _background(reloader, drain, every_s=reload_every_s, signals=signals):
+                # Start-up objects live for the process: keep them out of every GC pass.
+                gc.freeze()
+                yield
 
-    return Starlette(
+    app = Starlette(
         routes=ROUTES,
-        middleware=[Middleware(RequestIdMiddleware)],
+        middleware=[
+            Middleware(RequestIdMiddleware),
+            Middleware(ObserveMiddleware, metrics=metrics),
+        ],
         exception_handlers=dict(EXCEPTION_HANDLERS),
         lifespan=lifespan,
     )
+    app.state.metrics, app.state.drain, app.state.reloader = metrics, drain, None
+    return app
+
+
+def _reloader(source: RegistryFile | None, pipeline: Pipeline, metrics: Metrics) -> Reloader | None:
+    if source is None:
+        return None
+    return Reloader(
+        source, current=lambda: pipeline.registry, apply=pipeline.use_registry, metrics=metrics
+    )
+
+
+@asynccontextmanager
+async def _background(
+    reloader: Reloader | None, drain: Drain, *, every_s: float, signals: bool
+) -> AsyncIterator[None]:
+    """The file watcher and the signal handlers, for as long as the app runs."""
+    loop = asyncio.get_running_loop()
+    tasks = [asyncio.create_task(reloader.watch(every_s=every_s))] if reloader else []
+    if signals:
+        drain.install(loop)
+        if reloader:
+            loop.add_signal_handler(signal.SIGHUP, reloader.reload_quietly)
+    try:
+        yield
+    finally:
+        if signals:
+            loop.remove_signal_handler(signal.SIGHUP)
+            drain.uninstall()
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 def app_from_env() -> Starlette:
-    """Factory for `uvicorn --factory gateway.app:app_from_env` (GATEWAY_CONFIG)."""
-    return create_app(load_registry(os.environ.get("GATEWAY_CONFIG", "adapters.yaml")))
+    """The served app (`gateway serve`, each of `--workers N` processes), from the
+    environment `serve` sets: GATEWAY_CONFIG, GATEWAY_DRAIN_GRACE_S, GATEWAY_RELOAD_EVERY_S."""
+    path = os.environ.get(ENV_CONFIG, "adapters.yaml")
+    metrics = Metrics()
+    return create_app(
+        load_registry(path),
+        source=RegistryFile(path),
+        metrics=metrics,
+        drain=Drain(grace_s=float(os.environ.get(ENV_DRAIN_GRACE_S, "5")), metrics=metrics),
+        reload_every_s=float(os.environ.get(ENV_RELOAD_EVERY_S, "2")),
+        signals=True,
+    )

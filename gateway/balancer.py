@@ -71,3 +71,19 @@ class Balancer:
 
     def pool(self, name: str) -> Pool:
         return self.pools[name]
+
+    def update(self, registry: Registry) -> None:
+        """New pools from a reloaded registry; a worker whose URL stays in its pool keeps
+        its state (in-flight count, health), so a reload is invisible to it."""
+        pools = {}
+        for name, spec in registry.pools.items():
+            pool = Pool.from_spec(name, spec)
+            old = self.pools.get(name)
+            if old is not None:
+                kept = {w.url: w for w in old.workers}
+                for i, worker in enumerate(pool.workers):
+                    if worker.url in kept:
+                        pool.workers[i] = kept[worker.url]
+                        pool.workers[i].spec = worker.spec
+            pools[name] = pool
+        self.pools = pools

@@ -5,20 +5,28 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
+import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import httpx
 import uvicorn
 from starlette.types import ASGIApp
+from uvicorn.supervisors import Multiprocess
 
-from gateway.app import create_app
+from gateway.app import ENV_CONFIG, ENV_DRAIN_GRACE_S, ENV_RELOAD_EVERY_S, create_app
 from gateway.errors import ConfigError
+from gateway.logs import log_config
+from gateway.metrics import MULTIPROC_ENV
 from gateway.registry import CacheSpec, Registry, load_registry, redacted
 from gateway.simworker import SimConfig, create_sim_app, spawn, stop, wait_healthy
 
@@ -44,6 +52,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--log-level", default="info")
+    p.add_argument("--workers", type=int, default=1, help="server processes (metrics summed)")
+    p.add_argument(
+        "--drain-grace-s",
+        type=float,
+        default=5.0,
+        help="after SIGTERM: /readyz is 503 but new requests are served this long",
+    )
+    p.add_argument(
+        "--drain-timeout-s",
+        type=float,
+        default=60.0,
+        help="then: requests in flight get this long to finish (the hard cap)",
+    )
+    p.add_argument("--reload-every-s", type=float, default=2.0, help="registry file polling")
+    p.add_argument("--metrics-dir", default=None, help="multiprocess metrics (--workers > 1)")
     p.set_defaults(run=serve)
 
     p = sub.add_parser("check", help="validate adapters.yaml and print the routing table")
@@ -96,9 +119,51 @@ def _config_arg(p: argparse.ArgumentParser) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    app = create_app(load_registry(args.config))
-    uvicorn.Server(_fast(app, host=args.host, port=args.port, log_level=args.log_level)).run()
+    """Each server process builds its app from the environment set here (app_from_env),
+    so one process and `--workers N` run the same code."""
+    load_registry(args.config)  # a bad file stops us here, with its line and key
+    os.environ.update(
+        {
+            ENV_CONFIG: str(Path(args.config).resolve()),
+            ENV_DRAIN_GRACE_S: str(args.drain_grace_s),
+            ENV_RELOAD_EVERY_S: str(args.reload_every_s),
+        }
+    )
+    config = uvicorn.Config(
+        "gateway.app:app_from_env",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_config=log_config(args.log_level),
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        server_header=False,
+        timeout_graceful_shutdown=args.drain_timeout_s,
+    )
+    if args.workers == 1:
+        uvicorn.Server(config).run()
+        return 0
+    with _multiprocess_metrics(args.metrics_dir):
+        Multiprocess(config, sockets=[config.bind_socket()]).run()
     return 0
+
+
+@contextlib.contextmanager
+def _multiprocess_metrics(path: str | None) -> Iterator[None]:
+    """prometheus-client's multiprocess files, in a directory emptied at start (stale
+    files from an earlier run would be summed in)."""
+    directory = Path(path or tempfile.mkdtemp(prefix="gateway-metrics-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.db"):
+        stale.unlink()
+    os.environ[MULTIPROC_ENV] = str(directory)
+    try:
+        yield
+    finally:
+        if path is None:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def _fast(
@@ -201,6 +266,9 @@ def demo(args: argparse.Namespace) -> int:
         print(routing_table(registry))
         print(f"\ngateway listening on {url}\n\n{_curl_example(url, registry)}\n", flush=True)
         server = uvicorn.Server(_fast(create_app(registry), log_level="warning"))
+        # uvicorn re-raises SIGTERM after its own shutdown; exit through `finally` then,
+        # so the sim workers are stopped rather than orphaned.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         asyncio.run(server.serve(sockets=[sock]))
     finally:
         for proc in procs:

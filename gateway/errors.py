@@ -8,6 +8,7 @@
         ├── ValidationFailed   422     the body broke the schema (detail is a list)
         ├── UnsupportedMediaType 415   the body is not JSON
         ├── UnknownModel       404     `model` names no adapter (detail lists known ones)
+        ├── ReloadRefused      422     POST /admin/reload found a bad file (old one serves)
         ├── Overloaded         503     no capacity now; carries Retry-After
         ├── UpstreamRejected   4xx     a worker refused the request's input
         └── UpstreamError      502     no worker produced an image
@@ -77,6 +78,10 @@ class UnknownModel(RequestError):
         else:
             msg = f"unknown model {model!r}; known models: {names}"
         super().__init__(msg)
+
+
+class ReloadRefused(RequestError):
+    status_code = 422
 
 
 class Overloaded(RequestError):

@@ -3,11 +3,18 @@
 
 from __future__ import annotations
 
+import logging
 import re
+import time
 import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.logs import ACCESS_LOGGER
+from gateway.metrics import Metrics, Trace
+
+GENERATION_PATH = "/v1/images/generations"
+QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and scrapes: no log
 REQUEST_ID_HEADER = b"x-request-id"
 _SAFE_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -40,3 +47,64 @@ def _request_id(scope: Scope) -> str:
         if name == REQUEST_ID_HEADER and _SAFE_ID.match(value):
             return str(value.decode("ascii"))
     return uuid.uuid4().hex
+
+
+class ObserveMiddleware:
+    """Request metrics and one JSON access-log line per request, from the `Trace` the
+    pipeline fills in (left in `scope["state"]["trace"]`)."""
+
+    def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.log = logging.getLogger(ACCESS_LOGGER)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        trace = scope.setdefault("state", {})["trace"] = Trace()
+        status = 500  # what the client gets if the app raises before answering
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            elapsed = time.perf_counter() - started
+            if scope["path"] == GENERATION_PATH:
+                self.metrics.observe_request(trace, status, elapsed)
+            if scope["path"] not in QUIET_PATHS and self.log.isEnabledFor(logging.INFO):
+                self.log.info(
+                    "request", extra={"fields": _access_fields(scope, trace, status, elapsed)}
+                )
+
+
+def _access_fields(scope: Scope, trace: Trace, status: int, elapsed: float) -> dict[str, object]:
+    state = scope["state"]
+    fields: dict[str, object] = {
+        "request_id": state.get("request_id"),
+        "method": scope["method"],
+        "path": scope["path"],
+        "status": status,
+        "duration_ms": round(elapsed * 1000, 2),
+    }
+    if scope["path"] == GENERATION_PATH:
+        fields.update(
+            adapter=trace.adapter,
+            pool=trace.pool,
+            worker=trace.worker,
+            cache=trace.cache,
+            seed=trace.seed,
+            upstream_ms=round(trace.upstream_s * 1000, 2),
+            queue_ms=round(trace.queue_s * 1000, 2),
+        )
+        if trace.prompt is not None:
+            fields["prompt"] = trace.prompt
+    if "key_name" in state:
+        fields["key"] = state["key_name"]  # the key's name from the registry, never the key
+    return fields

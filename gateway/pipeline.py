@@ -9,6 +9,8 @@ Each step is one neighbour's job; this module only puts them in order.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -18,10 +20,13 @@ import aiohttp
 from gateway.balancer import Balancer, Pool, Worker
 from gateway.cache import CachePolicy, ResultCache
 from gateway.coalesce import Coalescer, Produced
-from gateway.errors import UpstreamError, WorkerUnreachable
+from gateway.errors import UpstreamError, UpstreamRejected, WorkerUnreachable
+from gateway.metrics import Trace
 from gateway.protocols import protocol_for
 from gateway.registry import AdapterSpec, Registry
 from gateway.schema import ImageGenerationBody, WorkerRequest
+
+log = logging.getLogger("gateway.pipeline")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,26 +54,45 @@ class Pipeline:
         self.cache = cache
         self.coalescer = coalescer
 
+    def use_registry(self, registry: Registry) -> None:
+        """A reload: requests in flight finish on the registry they started with."""
+        if registry.cache != self.registry.cache:
+            log.warning("the cache section changed: it applies at the next restart")
+        self.balancer.update(registry)
+        self.registry = registry
+
     async def generate(
         self,
         body: ImageGenerationBody,
         *,
         request_id: str,
+        trace: Trace,
         cache_policy: CachePolicy = CachePolicy.USE,
     ) -> Generation:
         registry = self.registry
         adapter = registry.resolve(body.model)
+        trace.adapter, trace.pool = adapter.name, adapter.pool
+        if registry.log_prompts:
+            trace.prompt = body.prompt
         # The seed is decided here (a random one when the client gave none): the worker
         # draws with it, the cache files the image under it and X-Seed returns it.
         job = WorkerRequest.from_body(body, upstream_model=adapter.upstream_model)
+        trace.seed = job.seed
         policy = self.cache.policy(cache_policy)
         key = self.cache.key(adapter, job)
         found = await self.cache.lookup(key, policy)
+        trace.cache = found.status
         if found.body is not None:
             return Generation(found.body, job.seed, adapter.name, found.status, "")
         headers = {"X-Request-ID": request_id}
         produce = partial(self._generate, adapter, job, key, policy, headers)
-        made = await self.coalescer.run(key, produce, policy=policy)
+        started = time.perf_counter()
+        try:
+            made = await self.coalescer.run(key, produce, policy=policy)
+        finally:
+            # Waiting on a worker, or on an identical request's generation: not overhead.
+            trace.upstream_s = time.perf_counter() - started
+        trace.worker = made.worker
         return Generation(made.body, job.seed, adapter.name, found.status, made.worker)
 
     async def _generate(
@@ -83,7 +107,7 @@ class Pipeline:
         pool = self.balancer.pool(adapter.pool)
         try:
             image, worker = await self._forward(pool, job, headers)
-        except UpstreamError as exc:
+        except (UpstreamError, UpstreamRejected) as exc:
             exc.detail = f"adapter {adapter.name!r}: {exc.detail}"
             raise
         await self.cache.store(key, image, policy)

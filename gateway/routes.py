@@ -14,16 +14,21 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.cache import policy_from_cache_control
-from gateway.errors import UnsupportedMediaType, ValidationFailed
+from gateway.errors import ConfigError, ReloadRefused, UnsupportedMediaType, ValidationFailed
+from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.pipeline import Pipeline
+from gateway.registry import Reloader
 from gateway.schema import ImageGenerationBody, error_list
 
 
 async def generate_image(request: Request) -> Response:
     body = await _parse_body(request)
     pipeline: Pipeline = request.app.state.pipeline
+    state = request.state
     policy = policy_from_cache_control(request.headers.get("cache-control"))
-    result = await pipeline.generate(body, request_id=request.state.request_id, cache_policy=policy)
+    result = await pipeline.generate(
+        body, request_id=state.request_id, trace=state.trace, cache_policy=policy
+    )
     headers = {"X-Seed": str(result.seed), "X-Cache": result.cache, "X-Adapter": result.adapter}
     # The worker's bytes as they came: never parsed, never re-encoded.
     return Response(result.body, media_type="application/json", headers=headers)
@@ -65,10 +70,13 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    """Ready when the registry is loaded and every adapter has a healthy worker."""
+    """Ready when the registry is loaded, every adapter has a healthy worker, and the
+    process is not draining."""
     pipeline: Pipeline | None = getattr(request.app.state, "pipeline", None)
     if pipeline is None:
         return JSONResponse({"status": "starting"}, 503)
+    if request.app.state.drain.draining:
+        return JSONResponse({"status": "draining"}, 503)
     balancer, registry = pipeline.balancer, pipeline.registry
     unserved = sorted(
         adapter.name
@@ -80,9 +88,27 @@ async def readyz(request: Request) -> Response:
     return JSONResponse({"status": "ready", "registry": registry.digest})
 
 
+async def metrics(request: Request) -> Response:
+    metrics: Metrics = request.app.state.metrics
+    return Response(metrics.exposition(), media_type=CONTENT_TYPE)
+
+
+async def admin_reload(request: Request) -> Response:
+    reloader: Reloader | None = request.app.state.reloader
+    if reloader is None:
+        raise ReloadRefused("this gateway was not started from a registry file")
+    try:
+        result = reloader.reload()
+    except ConfigError as exc:
+        raise ReloadRefused(f"registry refused, the old one keeps serving: {exc}") from exc
+    return JSONResponse({"status": result, "registry": reloader.current().digest})
+
+
 ROUTES = [
     Route("/v1/images/generations", generate_image, methods=["POST"]),
     Route("/v1/models", list_models, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
+    Route("/metrics", metrics, methods=["GET"]),
+    Route("/admin/reload", admin_reload, methods=["POST"]),
 ]

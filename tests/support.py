@@ -101,10 +101,12 @@ def make_registry(
 
 
 @asynccontextmanager
-async def gateway_app(registry: Registry) -> AsyncIterator[tuple[Starlette, httpx.AsyncClient]]:
-    """The gateway app in memory (lifespan run) and an httpx client driving it through
-    httpx.ASGITransport; the app is there for its state (the pipeline, the cache)."""
-    app = create_app(registry)
+async def gateway_app(
+    registry: Registry, **options: Any
+) -> AsyncIterator[tuple[Starlette, httpx.AsyncClient]]:
+    """The gateway app in memory (lifespan run) and a client driving it through
+    httpx.ASGITransport; the app, to look at its state. `options` go to create_app."""
+    app = create_app(registry, **options)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
@@ -187,6 +189,13 @@ def dead_url() -> str:
 @contextmanager
 def gateway_process(config_path: str, *extra: str) -> Iterator[str]:
     """The real gateway under uvicorn in a child process; yields its base URL."""
+    with served_gateway(config_path, *extra) as (url, _):
+        yield url
+
+
+@contextmanager
+def served_gateway(config_path: str, *extra: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """As gateway_process, with the process too (to signal it)."""
     port = free_port()
     cmd = [sys.executable, "-m", "gateway", "serve", "--config", config_path]
     proc = subprocess.Popen(
@@ -195,7 +204,7 @@ def gateway_process(config_path: str, *extra: str) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc=proc, path="/healthz")
-        yield url
+        yield url, proc
     finally:
         stop(proc)
 

@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 from starlette.applications import Starlette
 
-from gateway.cache import CacheCounters
+from gateway.metrics import Metrics
 from tests.support import (
     SimWorker,
     blackhole,
@@ -41,10 +41,15 @@ async def post(
     return resp
 
 
-def counters(app: Starlette) -> CacheCounters:
-    observer = app.state.pipeline.cache.observer
-    assert isinstance(observer, CacheCounters)
-    return observer
+def metric(app: Starlette, name: str, **labels: str) -> float:
+    """A series from the app's /metrics registry, summed over the labels not given."""
+    metrics: Metrics = app.state.metrics
+    return sum(
+        float(sample.value)
+        for family in metrics.registry.collect()
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
 
 
 def pools(workers: list[SimWorker]) -> dict[str, Sequence[str | dict[str, Any]]]:
@@ -137,7 +142,8 @@ async def test_entries_over_max_entry_bytes_are_not_stored(
     async with gateway_app(make_registry(pools(fast_sims), cache=cache)) as (app, client):
         assert (await post(client, seed=5)).headers["x-cache"] == "miss"
         assert (await post(client, seed=5)).headers["x-cache"] == "miss"
-        assert counters(app).stores == {"too_big": 2}
+        assert metric(app, "gateway_cache_stores_total", result="too_big") == 2
+        assert metric(app, "gateway_cache_stores_total", result="stored") == 0
 
 
 async def test_a_disabled_cache_says_bypass_and_stores_nothing(
@@ -162,7 +168,8 @@ async def test_a_tiny_redis_with_allkeys_lru_evicts_and_keeps_serving() -> None:
                     assert (await post(client, seed=seed)).content == BIG
                 assert (await post(client, seed=29)).headers["x-cache"] == "hit"
                 assert (await post(client, seed=0)).headers["x-cache"] == "miss", "evicted"
-                assert not counters(app).errors
+                assert metric(app, "gateway_cache_errors_total") == 0
+                assert metric(app, "gateway_cache_stores_total", result="stored") == 31
         assert server.info("stats")["evicted_keys"] > 0
         assert server.info("memory")["used_memory"] <= 4 * 2**20 + 300_000
 
@@ -174,7 +181,8 @@ async def test_a_full_redis_that_refuses_writes_never_fails_a_request() -> None:
             async with gateway_app(registry) as (app, client):
                 for seed in range(15):
                     assert (await post(client, seed=seed)).content == BIG
-                assert counters(app).errors["set"] >= 1, "OOM refusals were counted"
+                refused = metric(app, "gateway_cache_errors_total", op="set")
+                assert refused >= 1, "OOM refusals were counted"
 
 
 async def test_redis_killed_mid_run_then_back(fast_sims: list[SimWorker]) -> None:
@@ -193,7 +201,7 @@ async def test_redis_killed_mid_run_then_back(fast_sims: list[SimWorker]) -> Non
                 assert resp.headers["x-cache"] in ("miss", "bypass")
                 assert time.monotonic() - sent < 1.0, "a dead Redis adds at most a timeout"
             elapsed = time.monotonic() - started
-            errors = sum(counters(app).errors.values())
+            errors = metric(app, "gateway_cache_errors_total")
             # Three failures open the breaker; after that, one probe per cool-down.
             assert 3 <= errors <= 3 + math.ceil(elapsed / cooldown)
 
@@ -220,7 +228,7 @@ async def test_a_redis_that_never_answers_costs_at_most_its_timeouts(
             assert slowest < 1.5, "three cache calls of at most 0.1 s each, plus an image"
             later = [await timed(seed) for seed in range(20, 30)]
             assert max(later) < 0.5, "the breaker is open: no cache calls at all"
-            assert counters(app).lookups["bypass"] == 10
+            assert metric(app, "gateway_cache_requests_total", result="bypass") == 10
 
 
 async def test_fifty_identical_requests_make_one_generation(
@@ -234,9 +242,9 @@ async def test_fifty_identical_requests_make_one_generation(
     assert {r.status_code for r in responses} == {200}
     assert len({r.content for r in responses}) == 1
     assert generations(fast_sims) - before == 1
-    seen = counters(app)
-    assert seen.coalesced_requests["local"] + seen.lookups["hit"] == 49
-    assert seen.coalesced_requests["local"] > 0, "they were in flight together"
+    local = metric(app, "gateway_coalesced_requests_total", scope="local")
+    assert local + metric(app, "gateway_cache_requests_total", result="hit") == 49
+    assert local > 0, "they were in flight together"
 
 
 async def fails_slowly(request: web.Request) -> web.StreamResponse:

@@ -1,0 +1,226 @@
+"""What the gateway costs on the miss path: the same upstream, direct and through it.
+
+    python -m bench.overhead [--upstream static|sim] [--duration 5]
+
+Starts an upstream on loopback (a static responder that costs almost no CPU, or the
+sim worker with zero delay), the real gateway under uvicorn in front of it, then loads
+each at concurrency 1 and 16 in one run and prints req/s, p50/p99 and the ratios.
+With two or more cores the gateway is pinned to core 0 and the load generator and
+upstream to the others, as in the issue's measurements. The load generator is wrk
+when it is installed (`apt-get install wrk`), else an aiohttp client (slower: it
+shares the load core with the upstream, so gateway/direct ratios stay comparable but
+absolute figures are lower).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from gateway.cli import free_port
+from gateway.schema import ImageGenerationBody
+from gateway.simworker import render, stop, wait_healthy
+
+BODY = {
+    "prompt": "a red fox in the snow",
+    "num_inference_steps": 20,
+    "guidance_scale": 7.5,
+    "seed": 7,
+}
+PATH = "/v1/images/generations"
+
+
+@dataclass
+class Result:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--upstream", choices=["static", "sim"], default="static")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per run")
+    parser.add_argument("--size", type=int, default=640, help="image side (640: ~160 KB)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp, servers(args.upstream, args.size, Path(tmp)) as urls:
+        direct, gateway = urls
+        results = {}
+        for name, url in (("direct", direct), ("gateway", gateway)):
+            for conc in (1, 16):
+                results[name, conc] = load(url + PATH, conc, args.duration)
+    report(results, args)
+
+
+@contextmanager
+def servers(upstream: str, size: int, tmp: Path) -> Iterator[tuple[str, str]]:
+    cores = os.cpu_count() or 1
+    gateway_cpu = ["taskset", "-c", "0"] if cores >= 2 and shutil.which("taskset") else []
+    other_cpu = ["taskset", "-c", f"1-{cores - 1}"] if gateway_cpu else []
+    up_port, gw_port = free_port(), free_port()
+    if upstream == "static":
+        body_file = tmp / "response.json"
+        body_file.write_bytes(image_response(size))
+        up_cmd = [sys.executable, "-m", "bench.static_upstream", "--body-file", str(body_file)]
+    else:
+        up_cmd = [
+            sys.executable,
+            "-m",
+            "gateway",
+            "sim-worker",
+            "--step-ms",
+            "0",
+            "--size",
+            str(size),
+            "--concurrency",
+            "1000",
+        ]
+    config = tmp / "adapters.yaml"
+    config.write_text(
+        "pools:\n  p:\n    workers:\n"
+        f"      - {{url: 'http://127.0.0.1:{up_port}', max_concurrency: 1000}}\n"
+        "adapters:\n  - {name: base, pool: p, default: true}\n"
+    )
+    gw_cmd = [
+        sys.executable,
+        "-m",
+        "gateway",
+        "serve",
+        "--config",
+        str(config),
+        "--log-level",
+        "warning",
+    ]
+    procs = []
+    try:
+        procs.append(subprocess.Popen([*other_cpu, *up_cmd, "--port", str(up_port)]))
+        procs.append(subprocess.Popen([*gateway_cpu, *gw_cmd, "--port", str(gw_port)]))
+        direct, gateway = f"http://127.0.0.1:{up_port}", f"http://127.0.0.1:{gw_port}"
+        wait_healthy(direct, proc=procs[0], path="/health")
+        wait_healthy(gateway, proc=procs[1], path="/healthz")
+        yield direct, gateway
+    finally:
+        for proc in procs:
+            stop(proc)
+
+
+def image_response(size: int) -> bytes:
+    body = ImageGenerationBody.model_validate(BODY)
+    return b'{"image":"' + base64.b64encode(render(body, size)) + b'"}'
+
+
+def load(url: str, concurrency: int, duration: float) -> Result:
+    if shutil.which("wrk"):
+        return load_wrk(url, concurrency, duration)
+    return asyncio.run(load_aiohttp(url, concurrency, duration))
+
+
+def load_wrk(url: str, concurrency: int, duration: float) -> Result:
+    cores = os.cpu_count() or 1
+    pin = ["taskset", "-c", f"1-{cores - 1}"] if cores >= 2 and shutil.which("taskset") else []
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(
+            'wrk.method = "POST"\n'
+            f"wrk.body = '{json.dumps(BODY)}'\n"
+            'wrk.headers["Content-Type"] = "application/json"\n'
+        )
+    try:
+        out = subprocess.run(
+            [
+                *pin,
+                "wrk",
+                "-t1",
+                f"-c{concurrency}",
+                f"-d{round(duration)}s",
+                "--latency",
+                "-s",
+                script.name,
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    finally:
+        os.unlink(script.name)
+    if "Non-2xx" in out:
+        raise SystemExit(f"wrk saw errors from {url}:\n{out}")
+    return Result(
+        rps=float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+        p50_ms=_wrk_ms(out, "50%"),
+        p99_ms=_wrk_ms(out, "99%"),
+    )
+
+
+def _wrk_ms(out: str, pct: str) -> float:
+    match = re.search(rf"^\s+{pct}\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+    assert match, out
+    value, unit = float(match.group(1)), match.group(2)
+    return value * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+async def load_aiohttp(url: str, concurrency: int, duration: float) -> Result:
+    latencies: list[float] = []
+    payload = json.dumps(BODY).encode()
+    headers = {"Content-Type": "application/json"}
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        deadline = time.perf_counter() + duration
+
+        async def client() -> None:
+            while time.perf_counter() < deadline:
+                started = time.perf_counter()
+                async with session.post(url, data=payload, headers=headers) as resp:
+                    await resp.read()
+                    if resp.status != 200:
+                        raise SystemExit(f"{url}: HTTP {resp.status}")
+                latencies.append(time.perf_counter() - started)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    cuts = statistics.quantiles(latencies, n=100)
+    return Result(len(latencies) / elapsed, cuts[49] * 1000, cuts[98] * 1000)
+
+
+def report(results: dict[tuple[str, int], Result], args: argparse.Namespace) -> None:
+    tool = "wrk" if shutil.which("wrk") else "aiohttp client"
+    size = len(image_response(args.size))
+    print(
+        f"upstream={args.upstream}  response={size / 1000:.0f} KB  load={tool}  "
+        f"duration={args.duration}s per run\n"
+    )
+    print(f"{'target':<8} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
+    for (name, conc), r in results.items():
+        print(f"{name:<8} {conc:>4} {r.rps:>9.0f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f}")
+    d1, g1 = results["direct", 1], results["gateway", 1]
+    d16, g16 = results["direct", 16], results["gateway", 16]
+    print(
+        f"\ngateway/direct throughput at c=16: {g16.rps / d16.rps:.2f}x "
+        f"({g16.rps:.0f} vs {d16.rps:.0f} req/s)"
+    )
+    print(f"gateway/direct throughput at c=1:  {g1.rps / d1.rps:.2f}x")
+    print(
+        f"added p50 at c=1: {g1.p50_ms - d1.p50_ms:+.2f} ms; "
+        f"added p50 at c=16: {g16.p50_ms - d16.p50_ms:+.2f} ms"
+    )
+
+
+if __name__ == "__main__":
+    main()

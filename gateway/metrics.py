@@ -1,0 +1,250 @@
+"""Every Prometheus metric of the gateway, defined once.
+
+Names follow Prometheus conventions: the `gateway_` prefix, base units (seconds),
+`_total` on counters. Label values are bounded: adapter, pool and worker names come
+from the registry (a request whose `model` names no adapter counts under
+`adapter="unknown"`), status is the HTTP code, reason/result are fixed words.
+
+One `Metrics` per app, on its own `CollectorRegistry`, so tests can run many apps in
+one process. With several server processes (`gateway serve --workers N`) the values
+live in prometheus-client's multiprocess files (PROMETHEUS_MULTIPROC_DIR, set and
+cleaned by `serve`) and `exposition()` aggregates every process.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+UNKNOWN_ADAPTER = "unknown"
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# An image takes from milliseconds (a cache hit) to minutes (a queued SDXL at 50 steps).
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
+# The gateway's own share of a request: tens of microseconds to a few milliseconds.
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+CACHE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+
+
+@dataclass(slots=True)
+class Trace:
+    """What one request did, filled in step by step by the pipeline, read once at the
+    end by the access log and the request metrics."""
+
+    adapter: str = UNKNOWN_ADAPTER
+    pool: str = ""
+    worker: str = ""
+    cache: str = ""
+    seed: int | None = None
+    upstream_s: float = 0.0  # waiting on workers (or on an identical request's generation)
+    queue_s: float = 0.0  # waiting for a free worker slot
+    prompt: str | None = None  # only where the registry says log_prompts: true
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        self._revision: str | None = None
+        self.requests = Counter(
+            "gateway_requests",
+            "Generation requests answered, by adapter and HTTP status.",
+            ["adapter", "status"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "gateway_request_duration_seconds",
+            "Time from request to response, by adapter.",
+            ["adapter"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.overhead = Histogram(
+            "gateway_overhead_seconds",
+            "Time a request spent in the gateway itself: not waiting on a worker or the queue.",
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "gateway_upstream_duration_seconds",
+            "Time of one try on a worker.",
+            ["pool", "worker"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "gateway_upstream_errors",
+            "Failed tries on a worker, by reason.",
+            ["pool", "worker", "reason"],
+            registry=r,
+        )
+        self.worker_in_flight = Gauge(
+            "gateway_worker_in_flight",
+            "Requests a worker is serving now.",
+            ["pool", "worker"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.worker_healthy = Gauge(
+            "gateway_worker_healthy",
+            "1 while a worker is in service, 0 while ejected.",
+            ["pool", "worker"],
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self.ejections = Counter(
+            "gateway_worker_ejections",
+            "Times a worker was ejected for failing.",
+            ["pool", "worker"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "gateway_retries",
+            "Tries sent to another worker after a failure, by reason.",
+            ["pool", "reason"],
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "gateway_queue_depth",
+            "Requests waiting for a free worker slot.",
+            ["pool"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.queue_wait = Histogram(
+            "gateway_queue_wait_seconds",
+            "Time a request waited in its pool's queue.",
+            ["pool"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.rejected = Counter(
+            "gateway_queue_rejections",
+            "Requests refused with 503 (queue full or wait exceeded).",
+            ["pool", "reason"],
+            registry=r,
+        )
+        self.adapter_loads = Counter(
+            "gateway_adapter_loads",
+            "Requests sent to a worker without the adapter warm.",
+            ["pool", "worker"],
+            registry=r,
+        )
+        self.cache_requests = Counter(
+            "gateway_cache_requests",
+            "Cache lookups by result: hit, miss, bypass, error.",
+            ["result"],
+            registry=r,
+        )
+        self.cache_duration = Histogram(
+            "gateway_cache_duration_seconds",
+            "Time of one cache operation.",
+            ["op"],
+            buckets=CACHE_BUCKETS,
+            registry=r,
+        )
+        self.cache_stores = Counter(
+            "gateway_cache_stores",
+            "Cache writes by result: stored, too_big (over max_entry_bytes), bypass, error.",
+            ["result"],
+            registry=r,
+        )
+        self.cache_errors = Counter(
+            "gateway_cache_errors",
+            "Failed calls to the cache store (down, slow or full), by operation.",
+            ["op"],
+            registry=r,
+        )
+        self.coalesced = Counter(
+            "gateway_coalesced_requests",
+            "Requests served by another identical request's generation.",
+            ["scope"],
+            registry=r,
+        )
+        self.reloads = Counter(
+            "gateway_registry_reloads",
+            "Registry reloads by result: ok, error, unchanged.",
+            ["result"],
+            registry=r,
+        )
+        self.registry_info = Gauge(
+            "gateway_registry_info",
+            "The registry being served (1), labelled by its revision.",
+            ["revision"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.draining = Gauge(
+            "gateway_draining",
+            "1 once the process has been asked to stop and is draining.",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+
+    def observe_request(self, trace: Trace, status: int, elapsed_s: float) -> None:
+        self.requests.labels(trace.adapter, str(status)).inc()
+        self.request_duration.labels(trace.adapter).observe(elapsed_s)
+        self.overhead.observe(max(0.0, elapsed_s - trace.upstream_s - trace.queue_s))
+
+    def set_registry(self, revision: str) -> None:
+        # Zero the old series rather than clear(): clear() is not multiprocess-safe.
+        if self._revision is not None:
+            self.registry_info.labels(self._revision).set(0)
+        self.registry_info.labels(revision).set(1)
+        self._revision = revision
+
+    def exposed_names(self) -> set[str]:
+        """Every series name /metrics can show (what alert rules and dashboards may use)."""
+        suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
+        return {
+            family.name + suffix
+            for family in self.registry.collect()
+            for suffix in suffixes.get(family.type, ("",))
+        }
+
+    def exposition(self) -> bytes:
+        """The text format; with several processes, the sum over all of them."""
+        path = multiprocess_dir()
+        if path is None:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged, path=path)  # type: ignore[no-untyped-call]
+        return generate_latest(merged)
+
+
+class CacheMetrics:
+    """The result cache's observer (`gateway.cache.CacheObserver`) as Prometheus series.
+    The cache calls it where things happen; nothing here imports the cache."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._m = metrics
+
+    def lookup(self, result: str, seconds: float) -> None:
+        self._m.cache_requests.labels(result).inc()
+        if result != "bypass":  # a bypass asked nothing of the store: no time to show
+            self._m.cache_duration.labels("get").observe(seconds)
+
+    def store(self, result: str, seconds: float) -> None:
+        self._m.cache_stores.labels(result).inc()
+        if result in ("stored", "error"):
+            self._m.cache_duration.labels("set").observe(seconds)
+
+    def error(self, op: str) -> None:
+        self._m.cache_errors.labels(op).inc()
+
+    def coalesced(self, scope: str) -> None:
+        self._m.coalesced.labels(scope).inc()

@@ -1,0 +1,133 @@
+"""The real gateway under uvicorn in a child process, the demo, and `generate`."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from gateway.cli import main
+from tests.support import SimWorker, body, gateway_process, registry_yaml, sim_workers
+
+
+def write_config(tmp_path: Path, urls: list[str], **pool_options: Any) -> str:
+    path = tmp_path / "adapters.yaml"
+    adapters: list[dict[str, Any]] = [
+        {"name": "sdxl-base", "pool": "sdxl", "default": True},
+        {"name": "pixel-art", "pool": "sdxl", "upstream_model": "pixel-art"},
+    ]
+    path.write_text(registry_yaml({"sdxl": urls}, adapters, **pool_options))
+    return str(path)
+
+
+def test_served_gateway_round_trip(tmp_path: Path, fast_sims: list[SimWorker]) -> None:
+    config = write_config(tmp_path, [s.url for s in fast_sims])
+    with gateway_process(config) as url:
+        resp = httpx.post(url + "/v1/images/generations", json=body(model="pixel-art", seed=5))
+        again = httpx.post(url + "/v1/images/generations", json=body(model="pixel-art", seed=5))
+        bad = httpx.post(url + "/v1/images/generations", json=body(num_inference_steps=51))
+        ready = httpx.get(url + "/readyz")
+    assert resp.status_code == 200
+    image = Image.open(io.BytesIO(base64.b64decode(resp.json()["image"])))
+    assert (image.format, image.size) == ("JPEG", (128, 128))
+    assert again.content == resp.content
+    assert bad.status_code == 422
+    assert ready.json()["status"] == "ready"
+
+
+def test_served_gateway_dead_and_slow_workers(tmp_path: Path) -> None:
+    with sim_workers(["--step-ms", "200", "--size", "32"]) as (slow,):
+        config = write_config(tmp_path, [slow.url], timeout_s=0.5)
+        with gateway_process(config) as url:
+            timed_out = httpx.post(
+                url + "/v1/images/generations", json=body(num_inference_steps=10)
+            )
+            fast = httpx.post(url + "/v1/images/generations", json=body(num_inference_steps=1))
+    assert timed_out.status_code == 504
+    assert fast.status_code == 200
+    dead = write_config(tmp_path, ["http://127.0.0.1:9"])
+    with gateway_process(dead) as url:
+        refused = httpx.post(url + "/v1/images/generations", json=body())
+    assert refused.status_code == 502
+    assert refused.json() == {"detail": "adapter 'sdxl-base': worker sdxl-0: connection refused"}
+
+
+def test_serve_refuses_a_bad_config(tmp_path: Path) -> None:
+    path = tmp_path / "adapters.yaml"
+    path.write_text("pools: {}\nadapters: []\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(path), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert f"error: {path}:2: adapters: Tuple should have at least 1 item" in proc.stderr
+
+
+def test_generate_writes_the_image(
+    tmp_path: Path, fast_sims: list[SimWorker], capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path, [s.url for s in fast_sims])
+    out = tmp_path / "fox.png"
+    with gateway_process(config) as url:
+        code = main(
+            [
+                "generate",
+                "a red fox",
+                "--model",
+                "pixel-art",
+                "--seed",
+                "7",
+                "--format",
+                "raw",
+                "--out",
+                str(out),
+                "--url",
+                url,
+            ]
+        )
+    assert code == 0
+    with Image.open(out) as image:
+        assert image.format == "PNG"
+    assert re.search(r"seed=7 cache=\w+ adapter=pixel-art time=\d+ms", capsys.readouterr().out)
+
+
+def test_demo_serves_images_and_stops_its_workers() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "demo", "--port", "0", "--step-ms", "1"],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stdout is not None
+    try:
+        url, printed = "", ""
+        for line in proc.stdout:
+            printed += line
+            if match := re.search(r"gateway listening on (http://127\.0\.0\.1:\d+)", line):
+                url = match.group(1)
+                break
+        assert url, "demo never printed its URL"
+        resp = httpx.post(url + "/v1/images/generations", json=body(model="pixel-art"), timeout=30)
+        assert resp.status_code == 200
+        assert resp.headers["x-adapter"] == "pixel-art"
+        worker_urls = re.findall(r"^    (http://127\.0\.0\.1:\d+)", printed, re.M)
+    finally:
+        proc.terminate()
+        code = proc.wait(15)
+        proc.stdout.close()
+    assert code == 0
+    assert len(set(worker_urls)) == 3
+    for worker_url in worker_urls:  # the demo's children are gone with it
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(worker_url + "/health")

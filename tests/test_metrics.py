@@ -1,0 +1,88 @@
+"""Request metrics and /metrics, in memory and from several server processes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.metrics import Metrics, Trace
+from tests.support import (
+    SimWorker,
+    body,
+    dead_url,
+    gateway_app,
+    gateway_process,
+    make_registry,
+    registry_yaml,
+)
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    return samples(text).get((name, frozenset(labels.items())), 0.0)
+
+
+async def test_requests_are_counted_by_adapter_and_status(fast_sims: list[SimWorker]) -> None:
+    registry = make_registry({"p": [s.url for s in fast_sims], "dead": [dead_url()]})
+    async with gateway_app(registry) as (_, client):
+        for model in ("p", "p", "dead", "no-such-model"):
+            await client.post("/v1/images/generations", json=body(model=model))
+        await client.post("/v1/images/generations", json=body(num_inference_steps=0))
+        text = (await client.get("/metrics")).text
+    assert value(text, "gateway_requests_total", adapter="p", status="200") == 2
+    assert value(text, "gateway_requests_total", adapter="dead", status="502") == 1
+    # Raw `model` input never becomes a label value: unknown models share one.
+    assert value(text, "gateway_requests_total", adapter="unknown", status="404") == 1
+    assert value(text, "gateway_requests_total", adapter="unknown", status="422") == 1
+    assert value(text, "gateway_request_duration_seconds_count", adapter="p") == 2
+    assert value(text, "gateway_overhead_seconds_count") == 5
+    assert value(text, "gateway_registry_info", revision=registry.digest) == 1
+    assert "no-such-model" not in text
+
+
+def test_overhead_excludes_worker_and_queue_time() -> None:
+    metrics = Metrics()
+    trace = Trace(adapter="a", upstream_s=2.0, queue_s=0.5)
+    metrics.observe_request(trace, 200, elapsed_s=2.5004)
+    text = metrics.exposition().decode()
+    assert value(text, "gateway_overhead_seconds_bucket", le="0.0005") == 1
+    assert value(text, "gateway_request_duration_seconds_bucket", adapter="a", le="5.0") == 1
+
+
+def test_registry_info_moves_to_the_new_revision() -> None:
+    metrics = Metrics()
+    metrics.set_registry("aaa")
+    metrics.set_registry("bbb")
+    text = metrics.exposition().decode()
+    assert value(text, "gateway_registry_info", revision="aaa") == 0
+    assert value(text, "gateway_registry_info", revision="bbb") == 1
+
+
+def test_several_processes_are_summed(tmp_path: Path, fast_sims: list[SimWorker]) -> None:
+    config = tmp_path / "adapters.yaml"
+    config.write_text(registry_yaml({"p": [s.url for s in fast_sims]}))
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    (metrics_dir / "counter_999999.db").write_bytes(b"stale")  # an earlier run's file
+    served = gateway_process(str(config), "--workers", "2", "--metrics-dir", str(metrics_dir))
+    with served as url, httpx.Client(base_url=url) as client:
+        for _ in range(12):
+            # A new connection each time, so the kernel spreads them over both.
+            reply = client.post(
+                "/v1/images/generations", json=body(), headers={"connection": "close"}
+            )
+            assert reply.status_code == 200
+        text = client.get("/metrics").text
+        pids = {p.name.split("_")[-1] for p in metrics_dir.glob("counter_*.db")}
+    assert value(text, "gateway_requests_total", adapter="p", status="200") == 12
+    assert "999999.db" not in pids
+    assert len(pids) == 2

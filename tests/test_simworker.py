@@ -1,0 +1,95 @@
+"""The GPU-worker simulator: deterministic pictures, GPU-like timing and limits."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+from PIL import Image
+
+from gateway.schema import ImageGenerationBody
+from gateway.simworker import SimConfig, create_sim_app, render
+from tests.support import body
+
+
+@asynccontextmanager
+async def sim(**options: object) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_sim_app(SimConfig(**options))  # type: ignore[arg-type]
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://sim") as client:
+        yield client
+
+
+async def generate(client: httpx.AsyncClient, **overrides: object) -> httpx.Response:
+    return await client.post("/v1/images/generations", json=body(**overrides))
+
+
+def test_render_is_a_pure_function_of_the_inputs() -> None:
+    one = ImageGenerationBody.model_validate(body(seed=1))
+    assert render(one, 64) == render(one, 64)
+    for change in (
+        {"seed": 2},
+        {"prompt": "a blue fox"},
+        {"num_inference_steps": 5},
+        {"guidance_scale": 3.0},
+        {"model": "pixel-art"},
+    ):
+        other = ImageGenerationBody.model_validate({**body(seed=1), **change})
+        assert render(other, 64) != render(one, 64), change
+
+
+async def test_formats_and_size() -> None:
+    async with sim(step_ms=0, size=96) as client:
+        jpeg = await generate(client, seed=1)
+        png = await generate(client, seed=1, response_format="raw")
+    for resp, fmt in ((jpeg, "JPEG"), (png, "PNG")):
+        image = Image.open(io.BytesIO(base64.b64decode(resp.json()["image"])))
+        assert (image.format, image.size) == (fmt, (96, 96))
+
+
+async def test_takes_steps_times_step_ms_and_holds_concurrency() -> None:
+    async with sim(step_ms=20, concurrency=2, size=32) as client:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await asyncio.gather(*(generate(client, num_inference_steps=5, seed=i) for i in range(4)))
+        elapsed = loop.time() - started
+        stats = (await client.get("/stats")).json()
+    # 4 jobs of 100 ms with 2 at a time: two rounds, so at least 200 ms.
+    assert elapsed >= 0.2
+    assert stats["max_in_flight"] == 2
+    assert stats["generations"] == 4
+
+
+async def test_adapter_loads_are_paid_once_while_loaded() -> None:
+    async with sim(step_ms=0, adapter_load_ms=1, max_loaded_adapters=2, size=32) as client:
+        for model in ["a", "a", "b", "a", "c", "b"]:
+            assert (await generate(client, model=model)).status_code == 200
+        stats = (await client.get("/stats")).json()
+    # a (load), a, b (load), a, c (load, evicts b), b (load, evicts a)
+    assert stats["adapter_loads"] == 4
+    assert stats["loaded"] == ["c", "b"]
+
+
+async def test_unserved_adapter_is_400_and_bad_body_is_422() -> None:
+    async with sim(step_ms=0, adapters=("pixel-art",), size=32) as client:
+        unknown = await generate(client, model="watercolor")
+        bad = await client.post("/v1/images/generations", json={"prompt": "x"})
+    assert unknown.status_code == 400
+    assert "watercolor" in unknown.json()["detail"]
+    assert bad.status_code == 422
+
+
+async def test_fail_rate_one_always_fails() -> None:
+    async with sim(step_ms=0, fail_rate=1.0, size=32) as client:
+        resp = await generate(client)
+        health = await client.get("/health")
+        stats = (await client.get("/stats")).json()
+    assert resp.status_code == 500
+    assert json.loads(resp.content) == {"detail": "simulated worker failure"}
+    assert health.status_code == 200
+    assert stats["failures"] == 1
