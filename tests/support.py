@@ -209,6 +209,14 @@ def served_gateway(config_path: str, *extra: str) -> Iterator[tuple[str, subproc
         stop(proc)
 
 
+def redis_cache(url: str, **options: Any) -> dict[str, Any]:
+    """A `cache:` section on `url` for tests that are not about timeouts: patient Redis
+    calls, so that a loaded CI machine (a TLS handshake on two busy cores can take more
+    than the default 50 ms) is not read as a failing Redis. The fail-open tests set
+    their own short timeouts."""
+    return {"url": url, "timeout_ms": 2000, "connect_timeout_ms": 2000, **options}
+
+
 REDIS_MISSING = "redis-server not found: install redis-server (apt-get install -y redis-server)"
 OPENSSL_MISSING = "openssl not found: install openssl (apt-get install -y openssl)"
 

@@ -28,7 +28,7 @@ from gateway.cli import main
 from gateway.errors import CacheUnavailable, ConfigError
 from gateway.registry import AdapterSpec, CacheSpec, parse_registry, redacted, with_redis_url
 from gateway.schema import MAX_SEED, ImageGenerationBody, WorkerRequest
-from tests.support import blackhole, dead_url, redis_server, registry_yaml
+from tests.support import blackhole, dead_url, redis_cache, redis_server, registry_yaml
 
 ADAPTER = AdapterSpec(name="sdxl-base", pool="sdxl")
 FLUX = AdapterSpec(name="flux-schnell", pool="flux", ignore=("guidance_scale",))
@@ -193,7 +193,7 @@ async def test_memory_cache_is_bounded_by_bytes_least_recently_used_first() -> N
 
 
 async def test_redis_cache_stores_exact_bytes_with_a_ttl(redis_url: str) -> None:
-    backend = RedisCache.from_spec(CacheSpec(url=redis_url))
+    backend = RedisCache.from_spec(CacheSpec(**redis_cache(redis_url)))
     try:
         body = bytes(range(256)) * 10
         await backend.set("k", body, ttl_ms=200)
@@ -205,7 +205,7 @@ async def test_redis_cache_stores_exact_bytes_with_a_ttl(redis_url: str) -> None
 
 
 async def test_redis_lock_is_compare_and_set(redis_url: str) -> None:
-    backend = RedisCache.from_spec(CacheSpec(url=redis_url))
+    backend = RedisCache.from_spec(CacheSpec(**redis_cache(redis_url)))
     try:
         assert await backend.lock("l", "a", ttl_ms=200)
         assert not await backend.lock("l", "b", ttl_ms=200)
@@ -222,7 +222,7 @@ async def test_redis_lock_is_compare_and_set(redis_url: str) -> None:
 @pytest.mark.parametrize("kind", ["tls", "cluster"])
 async def test_rediss_and_cluster_urls_work_through_redis_py(kind: str) -> None:
     with redis_server(**{kind: True}) as server:
-        spec = CacheSpec(url=server.url, cluster=kind == "cluster")
+        spec = CacheSpec(**redis_cache(server.url, cluster=kind == "cluster"))
         async with open_cache(spec) as cache:
             key = "gateway:v1:" + "0" * 64
             await cache.store(key, b"image", CachePolicy.USE)
@@ -240,7 +240,7 @@ def counters(cache: ResultCache) -> CacheCounters:
 
 
 async def test_result_cache_hit_miss_bypass_and_too_big(redis_url: str) -> None:
-    spec = CacheSpec(url=redis_url, max_entry_bytes=10)
+    spec = CacheSpec(**redis_cache(redis_url, max_entry_bytes=10))
     async with open_cache(spec) as cache:
         assert (await cache.lookup("k", CachePolicy.USE)).status == "miss"
         await cache.store("k", b"0123456789", CachePolicy.USE)
@@ -283,7 +283,7 @@ async def test_breaker_opens_after_threshold_and_probes_once_per_cooldown(
 
 async def test_breaker_closes_when_the_probe_succeeds(redis_url: str) -> None:
     clock = FakeClock()
-    spec = CacheSpec(url=redis_url, failure_threshold=1, cooldown_s=5)
+    spec = CacheSpec(**redis_cache(redis_url, failure_threshold=1, cooldown_s=5))
     backend = RedisCache.from_spec(spec)
     cache = ResultCache(backend=backend, spec=spec, clock=clock)
     try:

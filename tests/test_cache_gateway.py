@@ -25,6 +25,7 @@ from tests.support import (
     generations,
     image_ok,
     make_registry,
+    redis_cache,
     redis_server,
     registry_yaml,
     scripted_worker,
@@ -60,7 +61,8 @@ def pools(workers: list[SimWorker]) -> dict[str, Sequence[str | dict[str, Any]]]
 async def test_miss_then_hit_returns_the_workers_bytes_untouched(
     backend: str, fast_sims: list[SimWorker], request: pytest.FixtureRequest
 ) -> None:
-    cache = {"url": request.getfixturevalue("redis_url")} if backend == "redis" else None
+    url = request.getfixturevalue("redis_url") if backend == "redis" else None
+    cache = redis_cache(url) if url else None
     registry = make_registry(pools(fast_sims), cache=cache)
     async with httpx.AsyncClient() as worker:  # what the gateway forwards, sent directly
         as_forwarded = body(seed=11, model=None, response_format="jpeg")
@@ -91,7 +93,7 @@ async def test_a_seedless_request_is_cached_under_the_seed_it_was_given(
 async def test_no_cache_regenerates_and_stores_no_store_does_neither(
     fast_sims: list[SimWorker], redis_url: str
 ) -> None:
-    registry = make_registry(pools(fast_sims), cache={"url": redis_url})
+    registry = make_registry(pools(fast_sims), cache=redis_cache(redis_url))
     before = generations(fast_sims)
     async with gateway_client(registry) as client:
         assert (await post(client, seed=1)).headers["x-cache"] == "miss"
@@ -109,7 +111,7 @@ async def test_no_cache_regenerates_and_stores_no_store_does_neither(
 
 
 async def test_entries_expire_after_their_ttl(fast_sims: list[SimWorker], redis_url: str) -> None:
-    registry = make_registry(pools(fast_sims), cache={"url": redis_url, "ttl_s": 0.3})
+    registry = make_registry(pools(fast_sims), cache=redis_cache(redis_url, ttl_s=0.3))
     async with gateway_client(registry) as client:
         assert (await post(client, seed=3)).headers["x-cache"] == "miss"
         assert (await post(client, seed=3)).headers["x-cache"] == "hit"
@@ -122,7 +124,7 @@ async def test_a_revision_bump_never_serves_old_entries(
 ) -> None:
     def registry(revision: str) -> Any:
         adapter = {"name": "sdxl", "pool": "sdxl", "default": True, "revision": revision}
-        return make_registry(pools(fast_sims), [adapter], cache={"url": redis_url})
+        return make_registry(pools(fast_sims), [adapter], cache=redis_cache(redis_url))
 
     async with gateway_client(registry("1")) as client:
         assert (await post(client, seed=4)).headers["x-cache"] == "miss"
@@ -138,7 +140,7 @@ async def test_entries_over_max_entry_bytes_are_not_stored(
 ) -> None:
     cache: dict[str, Any] = {"max_entry_bytes": 100}
     if backend == "redis":
-        cache["url"] = request.getfixturevalue("redis_url")
+        cache = redis_cache(request.getfixturevalue("redis_url"), **cache)
     async with gateway_app(make_registry(pools(fast_sims), cache=cache)) as (app, client):
         assert (await post(client, seed=5)).headers["x-cache"] == "miss"
         assert (await post(client, seed=5)).headers["x-cache"] == "miss"
@@ -162,7 +164,7 @@ async def test_a_tiny_redis_with_allkeys_lru_evicts_and_keeps_serving() -> None:
     lru = ["--maxmemory", "4mb", "--maxmemory-policy", "allkeys-lru"]
     with redis_server(*lru) as server:
         async with scripted_worker(image_ok(BIG)) as worker:
-            registry = make_registry({"sdxl": [worker.url]}, cache={"url": server.url})
+            registry = make_registry({"sdxl": [worker.url]}, cache=redis_cache(server.url))
             async with gateway_app(registry) as (app, client):
                 for seed in range(30):
                     assert (await post(client, seed=seed)).content == BIG
@@ -177,7 +179,7 @@ async def test_a_tiny_redis_with_allkeys_lru_evicts_and_keeps_serving() -> None:
 async def test_a_full_redis_that_refuses_writes_never_fails_a_request() -> None:
     with redis_server("--maxmemory", "2mb", "--maxmemory-policy", "noeviction") as server:
         async with scripted_worker(image_ok(BIG)) as worker:
-            registry = make_registry({"sdxl": [worker.url]}, cache={"url": server.url})
+            registry = make_registry({"sdxl": [worker.url]}, cache=redis_cache(server.url))
             async with gateway_app(registry) as (app, client):
                 for seed in range(15):
                     assert (await post(client, seed=seed)).content == BIG
@@ -188,7 +190,10 @@ async def test_a_full_redis_that_refuses_writes_never_fails_a_request() -> None:
 async def test_redis_killed_mid_run_then_back(fast_sims: list[SimWorker]) -> None:
     cooldown = 0.3
     with redis_server() as server:
-        cache = {"url": server.url, "cooldown_s": cooldown, "failure_threshold": 3}
+        # Refused connections fail at once; the timeouts only need to outlast a busy CI
+        # machine once Redis is back.
+        timeouts = {"timeout_ms": 250, "connect_timeout_ms": 250}
+        cache = {"url": server.url, "cooldown_s": cooldown, "failure_threshold": 3, **timeouts}
         async with gateway_app(make_registry(pools(fast_sims), cache=cache)) as (app, client):
             await post(client, seed=1)
             assert (await post(client, seed=1)).headers["x-cache"] == "hit"
@@ -234,7 +239,7 @@ async def test_a_redis_that_never_answers_costs_at_most_its_timeouts(
 async def test_fifty_identical_requests_make_one_generation(
     fast_sims: list[SimWorker], redis_url: str
 ) -> None:
-    registry = make_registry(pools(fast_sims), cache={"url": redis_url})
+    registry = make_registry(pools(fast_sims), cache=redis_cache(redis_url))
     before = generations(fast_sims)
     async with gateway_app(registry) as (app, client):
         same = body(seed=8, num_inference_steps=50)  # 50 ms at 1 ms a step
@@ -268,7 +273,7 @@ def test_two_gateway_processes_sharing_redis_make_one_generation(
     fast_sims: list[SimWorker], redis_url: str, tmp_path: Path
 ) -> None:
     config = tmp_path / "adapters.yaml"
-    config.write_text(registry_yaml(pools(fast_sims), cache={"url": redis_url}))
+    config.write_text(registry_yaml(pools(fast_sims), cache=redis_cache(redis_url)))
     before = generations(fast_sims)
     with gateway_process(str(config)) as first, gateway_process(str(config)) as second:
         same = body(seed=10, num_inference_steps=50)

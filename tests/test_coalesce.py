@@ -11,7 +11,7 @@ from gateway.cache import CacheCounters, CachePolicy, MemoryCache, ResultCache, 
 from gateway.coalesce import Coalescer, Produced
 from gateway.errors import WorkerFailed
 from gateway.registry import CacheSpec
-from tests.support import dead_url
+from tests.support import dead_url, redis_cache
 
 KEY = "gateway:v1:" + "ab" * 32
 
@@ -126,7 +126,7 @@ async def test_a_failed_generation_fails_every_waiter_and_is_not_remembered() ->
 @asynccontextmanager
 async def replicas(url: str, n: int, **options: float) -> AsyncIterator[list[Coalescer]]:
     """`n` coalescers, each with its own Redis client: gateway replicas in one test."""
-    spec = CacheSpec(url=url, **options)
+    spec = CacheSpec(**redis_cache(url, **options))
     async with AsyncExitStack() as stack:
         caches = [await stack.enter_async_context(open_cache(spec)) for _ in range(n)]
         yield [Coalescer(cache=cache) for cache in caches]
