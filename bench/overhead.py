@@ -44,6 +44,9 @@ BODY = {
     "seed": 7,
 }
 PATH = "/v1/images/generations"
+# Every request is the same image, so the result cache would answer all but the first:
+# no-store keeps this the forwarding path it measures (bench/cache.py measures hits).
+NO_STORE = "no-store"
 
 
 @dataclass
@@ -139,6 +142,7 @@ def load_wrk(url: str, concurrency: int, duration: float) -> Result:
             'wrk.method = "POST"\n'
             f"wrk.body = '{json.dumps(BODY)}'\n"
             'wrk.headers["Content-Type"] = "application/json"\n'
+            f'wrk.headers["Cache-Control"] = "{NO_STORE}"\n'
         )
     try:
         out = subprocess.run(
@@ -178,7 +182,7 @@ def _wrk_ms(out: str, pct: str) -> float:
 async def load_aiohttp(url: str, concurrency: int, duration: float) -> Result:
     latencies: list[float] = []
     payload = json.dumps(BODY).encode()
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": "application/json", "Cache-Control": NO_STORE}
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
         deadline = time.perf_counter() + duration
