@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 . scripts/env.sh
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
+command -v prometheus >/dev/null || missing+=(prometheus)  # also gives promtool
 if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
 ensure_venv "[dev]"
 .venv/bin/ruff check .

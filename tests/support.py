@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import redis
 import yaml
 from aiohttp import web
@@ -360,3 +361,46 @@ def blackhole() -> Iterator[str]:
         sock.bind(("127.0.0.1", 0))
         sock.listen(512)
         yield f"redis://127.0.0.1:{sock.getsockname()[1]}"
+
+
+PROMETHEUS_INSTALL = "install prometheus (apt-get install -y prometheus)"
+
+
+def prometheus_tool(name: str) -> str:
+    """`prometheus` or `promtool` (both from Debian's `prometheus`): a missing one fails
+    the test, never skips it, so a machine without them cannot pass in silence."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} not found: {PROMETHEUS_INSTALL}")
+    return path
+
+
+@contextmanager
+def prometheus_server(config: str, workdir: Path) -> Iterator[str]:
+    """The real Prometheus server with `config` (prometheus.yml text) on a free loopback
+    port; yields its base URL. Its TSDB lives under `workdir` and is removed at exit."""
+    binary = prometheus_tool("prometheus")
+    (workdir / "prometheus.yml").write_text(config)
+    data, log_path = workdir / "prometheus-data", workdir / "prometheus.log"
+    port = free_port()
+    cmd = [
+        binary,
+        f"--config.file={workdir / 'prometheus.yml'}",
+        f"--storage.tsdb.path={data}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--log.level=warn",
+    ]
+    url = f"http://127.0.0.1:{port}"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        try:
+            try:
+                wait_healthy(url, proc=proc, path="/-/ready", timeout_s=30)
+            except (RuntimeError, TimeoutError) as exc:
+                raise RuntimeError(
+                    f"prometheus did not start: {exc}\n{log_path.read_text()}"
+                ) from exc
+            yield url
+        finally:
+            stop(proc, grace_s=10)
+            shutil.rmtree(data, ignore_errors=True)
