@@ -290,7 +290,7 @@ class CacheObserver(Protocol):
         """result: hit | miss | bypass | error"""
 
     def store(self, result: str, seconds: float) -> None:
-        """result: stored | too_big | bypass | error"""
+        """result: stored | too_big (over max_entry_bytes) | bypass | error"""
 
     def error(self, op: str) -> None:
         """op: get | set | lock | extend | unlock (any failed call to the store)"""
@@ -433,6 +433,7 @@ class ResultCache:
 
     async def store(self, key: str, body: bytes, policy: CachePolicy) -> None:
         if not policy.writes:
+            self.observer.store("bypass", 0.0)
             return
         if len(body) > self.spec.max_entry_bytes:
             self.observer.store("too_big", 0.0)
