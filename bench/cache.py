@@ -92,7 +92,7 @@ def gateway(worker_url: str, cache: dict[str, Any] | None, workdir: Path) -> Ite
     config.write_text(
         registry_yaml({"sdxl": [{"url": worker_url, "max_concurrency": 64}]}, cache=cache)
     )
-    with gateway_process(str(config)) as url:
+    with gateway_process(str(config), "--drain-grace-s", "0") as url:
         yield url
 
 

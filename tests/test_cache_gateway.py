@@ -275,7 +275,11 @@ def test_two_gateway_processes_sharing_redis_make_one_generation(
     config = tmp_path / "adapters.yaml"
     config.write_text(registry_yaml(pools(fast_sims), cache=redis_cache(redis_url)))
     before = generations(fast_sims)
-    with gateway_process(str(config)) as first, gateway_process(str(config)) as second:
+    no_drain = ("--drain-grace-s", "0")  # nothing to drain at the end: stop at once
+    with (
+        gateway_process(str(config), *no_drain) as first,
+        gateway_process(str(config), *no_drain) as second,
+    ):
         same = body(seed=10, num_inference_steps=50)
 
         async def burst() -> list[httpx.Response]:
