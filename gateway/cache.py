@@ -301,6 +301,9 @@ class CacheObserver(Protocol):
 
 @dataclass
 class CacheCounters:
+    """Plain counts: the observer when none is given (unit tests, the benchmark); the
+    app gives `gateway.metrics.CacheMetrics`, which keeps the same counts for /metrics."""
+
     lookups: Counter[str] = field(default_factory=Counter)
     stores: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)

@@ -291,3 +291,16 @@ def test_two_gateway_processes_sharing_redis_make_one_generation(
     assert {r.status_code for r in responses} == {200}
     assert len({r.content for r in responses}) == 1
     assert generations(fast_sims) - before == 1
+
+
+async def test_a_reload_that_changes_the_cache_section_says_it_needs_a_restart(
+    fast_sims: list[SimWorker], caplog: pytest.LogCaptureFixture
+) -> None:
+    registry = make_registry(pools(fast_sims))
+    async with gateway_app(registry) as (app, client):
+        same_cache = make_registry(pools(fast_sims), timeout_s=60)
+        app.state.pipeline.use_registry(same_cache)
+        assert "cache section changed" not in caplog.text
+        app.state.pipeline.use_registry(make_registry(pools(fast_sims), cache={"ttl_s": 60}))
+        assert "cache section changed: it applies at the next restart" in caplog.text
+        assert (await post(client, seed=12)).headers["x-cache"] == "miss"  # still serving
