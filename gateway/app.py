@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import os
 import signal
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
-from gateway.balancer import Balancer
+from gateway.balancer import Balancer, Clock
 from gateway.cache import open_cache
 from gateway.coalesce import Coalescer
+from gateway.discovery import Discovery, Resolver, resolve_dns
 from gateway.drain import Drain
 from gateway.errors import EXCEPTION_HANDLERS
+from gateway.health import Prober
 from gateway.metrics import CacheMetrics, Metrics
 from gateway.middleware import ObserveMiddleware, RequestIdMiddleware
 from gateway.pipeline import Pipeline
@@ -39,9 +42,12 @@ def create_app(
     metrics: Metrics | None = None,
     reload_every_s: float = 2.0,
     signals: bool = False,
+    resolver: Resolver = resolve_dns,
+    clock: Clock = time.monotonic,
 ) -> Starlette:
     """`source`: the registry's file, for reloads; `signals`: take SIGHUP (reload) and
-    SIGTERM (drain) — only for a served process, never inside tests' event loops."""
+    SIGTERM (drain) — only for a served process, never inside tests' event loops;
+    `resolver` and `clock`: DNS discovery and health timing (fakes in tests)."""
     metrics = metrics or Metrics()
     drain = drain or Drain(grace_s=0.0)
     cache_spec = with_redis_url(registry.cache, os.environ.get(ENV_REDIS_URL), source=ENV_REDIS_URL)
@@ -55,17 +61,25 @@ def create_app(
             open_worker_session(registry) as session,
             open_cache(cache_spec, observer=cache_observer) as cache,
         ):
+            balancer = Balancer(registry, clock=clock)
+            discovery = Discovery(balancer=balancer, resolver=resolver, clock=clock)
+            await discovery.refresh_due()  # DNS pools start with their workers, if any
+            prober = Prober(balancer=balancer, session=session, clock=clock)
             pipeline = Pipeline(
                 registry=registry,
-                balancer=Balancer(registry),
+                balancer=balancer,
                 session=session,
+                metrics=metrics,
                 cache=cache,
                 coalescer=Coalescer(cache=cache),
             )
             reloader = _reloader(source, pipeline, metrics)
             app.state.pipeline, app.state.reloader = pipeline, reloader
             metrics.set_registry(registry.digest)
-            async with _background(reloader, drain, every_s=reload_every_s, signals=signals):
+            jobs = [prober.run(), discovery.run(), _sync_metrics(metrics, pipeline)]
+            if reloader is not None:
+                jobs.append(reloader.watch(every_s=reload_every_s))
+            async with _background(*jobs), _signals(reloader, drain, enabled=signals):
                 # Start-up objects live for the process: keep them out of every GC pass.
                 gc.freeze()
                 yield
@@ -91,27 +105,42 @@ def _reloader(source: RegistryFile | None, pipeline: Pipeline, metrics: Metrics)
     )
 
 
+async def _sync_metrics(metrics: Metrics, pipeline: Pipeline, every_s: float = 1.0) -> None:
+    """Live balancer state into the metrics, in every process (see Metrics.sync_balancer)."""
+    while True:
+        metrics.sync_balancer(pipeline.balancer)
+        await asyncio.sleep(every_s)
+
+
 @asynccontextmanager
-async def _background(
-    reloader: Reloader | None, drain: Drain, *, every_s: float, signals: bool
+async def _signals(
+    reloader: Reloader | None, drain: Drain, *, enabled: bool
 ) -> AsyncIterator[None]:
-    """The file watcher and the signal handlers, for as long as the app runs."""
+    """SIGHUP reloads, SIGTERM drains: only in a served process (`enabled`)."""
+    if not enabled:
+        yield
+        return
     loop = asyncio.get_running_loop()
-    tasks = [asyncio.create_task(reloader.watch(every_s=every_s))] if reloader else []
-    if signals:
-        drain.install(loop)
-        if reloader:
-            loop.add_signal_handler(signal.SIGHUP, reloader.reload_quietly)
+    drain.install(loop)
+    if reloader is not None:
+        loop.add_signal_handler(signal.SIGHUP, reloader.reload_quietly)
     try:
         yield
     finally:
-        if signals:
-            loop.remove_signal_handler(signal.SIGHUP)
-            drain.uninstall()
+        loop.remove_signal_handler(signal.SIGHUP)
+        drain.uninstall()
+
+
+@asynccontextmanager
+async def _background(*jobs: Coroutine[Any, Any, None]) -> AsyncIterator[None]:
+    """Run `jobs` as tasks for the life of the block; cancel and await them after."""
+    tasks = [asyncio.create_task(job) for job in jobs]
+    try:
+        yield
+    finally:
         for task in tasks:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def app_from_env() -> Starlette:

@@ -196,6 +196,9 @@ def routing_table(registry: Registry) -> str:
         lines.append(f"{' | '.join(names)}{mark} -> pool {adapter.pool} ({pool.protocol})")
         for worker in pool.workers:
             lines.append(f"    {worker.url}  max_concurrency={worker.max_concurrency}")
+        if (d := pool.discover) is not None:
+            where = f"{d.scheme}://{d.dns}:{d.port}"
+            lines.append(f"    every A/AAAA record of {where}, every {d.every_s:g}s")
     lines.append(cache_line(registry.cache))
     return "\n".join(lines)
 

@@ -11,10 +11,13 @@
         ├── ReloadRefused      422     POST /admin/reload found a bad file (old one serves)
         ├── Overloaded         503     no capacity now; carries Retry-After
         ├── UpstreamRejected   4xx     a worker refused the request's input
-        └── UpstreamError      502     no worker produced an image
-            ├── WorkerUnreachable 502  connection refused/reset before a response
-            ├── WorkerFailed      502  a worker answered 5xx (or 429)
-            └── UpstreamTimeout   504  a worker took longer than the pool's deadline
+        └── UpstreamError      502     no worker produced an image (`reason` says why)
+            ├── WorkerUnreachable 502  connect refused or timed out: never saw the job
+            ├── WorkerFailed      502  answered 429/503 (not now), 5xx, or the
+            │                          connection was lost (before or during the answer)
+            └── UpstreamTimeout   504  a try's timeout or the request's deadline ran out
+
+Which of these are retried, and where, is `gateway.balancer.retry_cause`.
 
 Foreign exceptions (aiohttp, redis, pydantic, OSError) are translated where they are caught,
 with `raise ... from exc`; `error_response` is the single table from error to HTTP.
@@ -122,7 +125,12 @@ class WorkerUnreachable(UpstreamError):
 
 
 class WorkerFailed(UpstreamError):
-    """The worker answered 5xx or 429, or dropped the connection mid-request."""
+    """The worker answered 5xx or 429, or dropped the connection mid-request.
+
+    `reason`: "http_429" or "http_503" (turned away before the job started),
+    "http_5xx" (any other 5xx), "reset" (connection lost before an answer began),
+    "truncated" (lost while the answer was being read).
+    """
 
     reason = "status"
 

@@ -14,7 +14,9 @@ cleaned by `serve`) and `exposition()` aggregates every process.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -25,6 +27,10 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+
+if TYPE_CHECKING:  # the balancer imports nothing from here; only types go the other way
+    from gateway.balancer import Balancer
+    from gateway.errors import UpstreamError
 
 UNKNOWN_ADAPTER = "unknown"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -60,6 +66,8 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
         self._revision: str | None = None
+        self._last: dict[tuple[Counter, tuple[str, ...]], int] = {}
+        self._workers: set[tuple[str, ...]] = set()
         self.requests = Counter(
             "gateway_requests",
             "Generation requests answered, by adapter and HTTP status.",
@@ -199,6 +207,50 @@ class Metrics:
         self.requests.labels(trace.adapter, str(status)).inc()
         self.request_duration.labels(trace.adapter).observe(elapsed_s)
         self.overhead.observe(max(0.0, elapsed_s - trace.upstream_s - trace.queue_s))
+
+    def observe_queue_wait(self, pool: str, seconds: float) -> float:
+        self.queue_wait.labels(pool).observe(seconds)
+        return seconds
+
+    def observe_try(
+        self, pool: str, worker: str, started: float, error: UpstreamError | None = None
+    ) -> float:
+        """One try on a worker, from `started` (perf_counter) to now; its duration."""
+        seconds = time.perf_counter() - started
+        self.upstream_duration.labels(pool, worker).observe(seconds)
+        if error is not None:
+            self.upstream_errors.labels(pool, worker, error.reason).inc()
+        return seconds
+
+    def sync_balancer(self, balancer: Balancer) -> None:
+        """Copy the balancer's live state into the metrics: gauges are set, counters move
+        by what changed since the last sync. Called by the metrics task every second
+        and by GET /metrics, so the hot path pays nothing for them."""
+        seen: set[tuple[str, ...]] = set()
+        for pool in balancer.pools.values():
+            self.queue_depth.labels(pool.name).set(len(pool.queue))
+            self._advance(self.rejected, (pool.name, "full"), pool.stats.rejected_full)
+            self._advance(self.rejected, (pool.name, "timeout"), pool.stats.rejected_timeout)
+            for worker in pool.workers:
+                key: tuple[str, ...] = (pool.name, worker.name)
+                seen.add(key)
+                self.worker_in_flight.labels(*key).set(worker.in_flight)
+                self.worker_healthy.labels(*key).set(1 if worker.in_service else 0)
+                self._advance(self.ejections, key, worker.stats.ejections)
+                self._advance(self.adapter_loads, key, worker.stats.adapter_loads)
+        for gone in self._workers - seen:  # left in a reload or from DNS: zero, not stale
+            self.worker_in_flight.labels(*gone).set(0)
+            self.worker_healthy.labels(*gone).set(0)
+        self._workers = seen
+
+    def _advance(self, counter: Counter, labels: tuple[str, ...], total: int) -> None:
+        key = (counter, labels)
+        last = self._last.get(key, 0)
+        # A smaller total is a new object (a worker that came back): count it whole.
+        delta = total - last if total >= last else total
+        if delta:
+            counter.labels(*labels).inc(delta)
+        self._last[key] = total
 
     def set_registry(self, revision: str) -> None:
         # Zero the old series rather than clear(): clear() is not multiprocess-safe.

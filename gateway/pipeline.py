@@ -20,8 +20,8 @@ import aiohttp
 from gateway.balancer import Balancer, Pool, Worker
 from gateway.cache import CachePolicy, ResultCache
 from gateway.coalesce import Coalescer, Produced
-from gateway.errors import UpstreamError, UpstreamRejected, WorkerUnreachable
-from gateway.metrics import Trace
+from gateway.errors import UpstreamError, UpstreamRejected
+from gateway.metrics import Metrics, Trace
 from gateway.protocols import protocol_for
 from gateway.registry import AdapterSpec, Registry
 from gateway.schema import ImageGenerationBody, WorkerRequest
@@ -45,12 +45,14 @@ class Pipeline:
         registry: Registry,
         balancer: Balancer,
         session: aiohttp.ClientSession,
+        metrics: Metrics | None = None,
         cache: ResultCache,
         coalescer: Coalescer,
     ) -> None:
         self.registry = registry  # replaced whole on reload; each request reads it once
         self.balancer = balancer
         self.session = session
+        self.metrics = metrics or Metrics()
         self.cache = cache
         self.coalescer = coalescer
 
@@ -66,9 +68,11 @@ class Pipeline:
         body: ImageGenerationBody,
         *,
         request_id: str,
-        trace: Trace,
+        trace: Trace | None = None,
         cache_policy: CachePolicy = CachePolicy.USE,
     ) -> Generation:
+        """`trace` collects what happened, for the access log and metrics."""
+        trace = trace or Trace()
         registry = self.registry
         adapter = registry.resolve(body.model)
         trace.adapter, trace.pool = adapter.name, adapter.pool
@@ -85,13 +89,15 @@ class Pipeline:
         if found.body is not None:
             return Generation(found.body, job.seed, adapter.name, found.status, "")
         headers = {"X-Request-ID": request_id}
-        produce = partial(self._generate, adapter, job, key, policy, headers)
+        produce = partial(self._generate, adapter, job, key, policy, headers, trace)
         started = time.perf_counter()
         try:
             made = await self.coalescer.run(key, produce, policy=policy)
         finally:
-            # Waiting on a worker, or on an identical request's generation: not overhead.
-            trace.upstream_s = time.perf_counter() - started
+            if not (trace.upstream_s or trace.queue_s):
+                # It waited on another request's generation (or another replica's): that
+                # wait is upstream time, none of it the gateway's own.
+                trace.upstream_s = time.perf_counter() - started
         trace.worker = made.worker
         return Generation(made.body, job.seed, adapter.name, found.status, made.worker)
 
@@ -102,11 +108,13 @@ class Pipeline:
         key: str,
         policy: CachePolicy,
         headers: Mapping[str, str],
+        trace: Trace,
     ) -> Produced:
-        """One generation, shared by every request coalesced onto it: forward, store."""
+        """One generation, shared by every request coalesced onto it: forward, store.
+        Its queue and worker times go to the trace of the request that started it."""
         pool = self.balancer.pool(adapter.pool)
         try:
-            image, worker = await self._forward(pool, job, headers)
+            image, worker = await self._forward(pool, job, headers, trace)
         except (UpstreamError, UpstreamRejected) as exc:
             exc.detail = f"adapter {adapter.name!r}: {exc.detail}"
             raise
@@ -114,29 +122,34 @@ class Pipeline:
         return Produced(image, worker.name)
 
     async def _forward(
-        self, pool: Pool, job: WorkerRequest, headers: Mapping[str, str]
+        self, pool: Pool, job: WorkerRequest, headers: Mapping[str, str], trace: Trace
     ) -> tuple[bytes, Worker]:
-        """Try workers in balancer order; a worker that never saw the job is skipped."""
+        """Admit into the pool, pick a worker, send; retry elsewhere as the pool allows."""
         protocol = protocol_for(pool.spec.protocol)
         payload = job.model_dump_json().encode()
-        timeout = aiohttp.ClientTimeout(
-            total=pool.spec.timeout_s, sock_connect=pool.spec.connect_timeout_s
-        )
-        tried: list[Worker] = []
-        last: UpstreamError = WorkerUnreachable(f"pool {pool.name!r} has no healthy worker")
-        while (worker := pool.choose(exclude=tried)) is not None:
-            tried.append(worker)
-            async with pool.slot(worker):
-                try:
-                    image = await protocol.generate(
-                        self.session,
-                        worker.url,
-                        payload,
-                        worker=worker.name,
-                        timeout=timeout,
-                        headers=headers,
+        with pool.attempt(adapter=job.model) as attempt:
+            while True:
+                async with attempt.slot() as worker:
+                    trace.queue_s += self.metrics.observe_queue_wait(pool.name, attempt.waited_s())
+                    timeout = aiohttp.ClientTimeout(
+                        total=attempt.try_timeout_s(), sock_connect=pool.spec.connect_timeout_s
                     )
+                    started = time.perf_counter()
+                    try:
+                        image = await protocol.generate(
+                            self.session,
+                            worker.url,
+                            payload,
+                            worker=worker.name,
+                            timeout=timeout,
+                            headers=headers,
+                        )
+                    except UpstreamError as exc:
+                        trace.upstream_s += self.metrics.observe_try(
+                            pool.name, worker.name, started, exc
+                        )
+                        attempt.retry_or_raise(exc)
+                        self.metrics.retries.labels(pool.name, exc.reason).inc()
+                        continue
+                    trace.upstream_s += self.metrics.observe_try(pool.name, worker.name, started)
                     return image, worker
-                except WorkerUnreachable as exc:
-                    last = exc
-        raise last

@@ -80,11 +80,84 @@ class WorkerSpec(_Frozen):
     adapters: tuple[Name, ...] = ()  # LoRA adapters already loaded at start (warm)
 
 
+RetryOn = Literal["5xx", "timeout", "truncated"]
+
+
+class HealthSpec(_Frozen):
+    """Passive ejection and active probes of one pool's workers (Envoy's outlier
+    detection and health checks, with their defaults where they fit a GPU pool)."""
+
+    # This many connection errors, 5xx or timeouts in a row eject a worker...
+    consecutive_failures: Annotated[int, Field(ge=1, le=1000)] = 5
+    # ...for base_ejection_s x (times it was ejected), at most max_ejection_s.
+    base_ejection_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    max_ejection_s: Annotated[float, Field(gt=0, le=86400)] = 300.0
+    # Never more than this share of the pool out at once; one worker always stays in
+    # unless its own probes say it is down. 50, not Envoy's 10: GPU pools are small.
+    max_ejection_percent: Annotated[int, Field(ge=0, le=100)] = 50
+    # Ejected, down and not-yet-known workers are probed this often...
+    probe_interval_s: Annotated[float, Field(gt=0, le=3600)] = 5.0
+    probe_timeout_s: Annotated[float, Field(gt=0, le=60)] = 2.0
+    # ...and come back after this many good probes in a row.
+    healthy_threshold: Annotated[int, Field(ge=1, le=100)] = 2
+
+
+class DiscoverSpec(_Frozen):
+    """Workers from DNS: every A/AAAA record of `dns` is a worker (a Kubernetes
+    headless Service); each gets the slots, weight and warm adapters given here."""
+
+    dns: Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9.-]+$")]
+    port: Annotated[int, Field(ge=1, le=65535)]
+    every_s: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    scheme: Literal["http", "https"] = "http"
+    max_concurrency: Annotated[int, Field(ge=1, le=1024)] = 1
+    weight: Annotated[float, Field(gt=0, le=1000)] = 1.0
+    adapters: tuple[Name, ...] = ()
+
+    def url_for(self, address: str) -> str:
+        host = f"[{address}]" if ":" in address else address  # IPv6 goes in brackets
+        return f"{self.scheme}://{host}:{self.port}"
+
+    def worker_spec(self, url: str) -> WorkerSpec:
+        return WorkerSpec(
+            url=url,
+            max_concurrency=self.max_concurrency,
+            weight=self.weight,
+            adapters=self.adapters,
+        )
+
+
 class PoolSpec(_Frozen):
     protocol: Literal["friendli-container"] = "friendli-container"
-    workers: Annotated[tuple[WorkerSpec, ...], Field(min_length=1)]
+    workers: tuple[WorkerSpec, ...] = ()  # a static list, or...
+    discover: DiscoverSpec | None = None  # ...workers from DNS; exactly one of the two
+    # The overall deadline of one request in this pool: queue wait and every try.
     timeout_s: Annotated[float, Field(gt=0, le=3600)] = 120.0
+    # One try's limit; None: a try may use all that is left of timeout_s.
+    per_try_timeout_s: Annotated[float, Field(gt=0, le=3600)] | None = None
     connect_timeout_s: Annotated[float, Field(gt=0, le=60)] = 2.0
+    # Admission: requests beyond the free slots wait in a FIFO queue this long, at
+    # most this many; past either they get 503 with Retry-After.
+    max_queue: Annotated[int, Field(ge=0, le=100_000)] = 100
+    queue_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    # Affinity: each worker is taken to hold its last `warm_adapters` adapters (its
+    # LoRA cache); loading a cold one costs about adapter_load_s. That cost is also the
+    # most a request is kept waiting for a warm worker or passed over for one.
+    warm_adapters: Annotated[int, Field(ge=0, le=1000)] = 4
+    adapter_load_s: Annotated[float, Field(ge=0, le=600)] = 1.0
+    # Retries go to another worker. Failures before a worker accepted the job
+    # (connect error, reset before a response, 429, 503) are retried up to
+    # max_retries; failures after it (500/502/504, a timeout, a cut-off body) only
+    # when listed in retry_on, and at most max_accepted_retries times: a GPU
+    # generation is expensive.
+    max_retries: Annotated[int, Field(ge=0, le=10)] = 2
+    retry_on: tuple[RetryOn, ...] = ("5xx", "timeout", "truncated")
+    max_accepted_retries: Annotated[int, Field(ge=0, le=10)] = 1
+    # Envoy's retry budget: retries in progress at most this share of the pool's
+    # active requests, but always at least retry_budget_min.
+    retry_budget_percent: Annotated[float, Field(ge=0, le=100)] = 20.0
+    retry_budget_min: Annotated[int, Field(ge=0, le=1000)] = 3
+    health: HealthSpec = HealthSpec()
 
 
 class AdapterSpec(_Frozen):
@@ -219,6 +292,8 @@ def _cross_check(registry: Registry) -> Iterator[tuple[Loc, str]]:
                 both = f"{defaults[0]!r} and {adapter.name!r}"
                 yield ("adapters", i, "default"), f"two default adapters: {both}"
     for name, pool in registry.pools.items():
+        if bool(pool.workers) == (pool.discover is not None):
+            yield ("pools", name), "give either a 'workers' list or 'discover', not both or none"
         urls = [worker.url for worker in pool.workers]
         for k, url in enumerate(urls):
             if url in urls[:k]:

@@ -6,12 +6,16 @@ raise `gateway.errors` exceptions; `app.py` turns those into responses in one pl
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from pydantic import ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive
 
 from gateway.cache import policy_from_cache_control
 from gateway.errors import ConfigError, ReloadRefused, UnsupportedMediaType, ValidationFailed
@@ -26,12 +30,41 @@ async def generate_image(request: Request) -> Response:
     pipeline: Pipeline = request.app.state.pipeline
     state = request.state
     policy = policy_from_cache_control(request.headers.get("cache-control"))
-    result = await pipeline.generate(
-        body, request_id=state.request_id, trace=state.trace, cache_policy=policy
-    )
+    try:
+        async with _while_connected(request):
+            result = await pipeline.generate(
+                body, request_id=state.request_id, trace=state.trace, cache_policy=policy
+            )
+    except ClientDisconnect:
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
     headers = {"X-Seed": str(result.seed), "X-Cache": result.cache, "X-Adapter": result.adapter}
     # The worker's bytes as they came: never parsed, never re-encoded.
     return Response(result.body, media_type="application/json", headers=headers)
+
+
+@asynccontextmanager
+async def _while_connected(request: Request) -> AsyncIterator[None]:
+    """Cancels the block if the client disconnects: a request that waits in a pool's
+    queue must then leave it and never take a GPU slot. (uvicorn does not cancel a
+    handler on disconnect; it only tells `receive`.)"""
+    task = asyncio.current_task()
+    assert task is not None
+    watch = asyncio.create_task(_cancel_on_disconnect(request.receive, task))
+    try:
+        yield
+    except asyncio.CancelledError:
+        if watch.done() and not watch.cancelled() and watch.exception() is None:
+            task.uncancel()  # our own cancel, not the server's: end as a disconnect
+            raise ClientDisconnect from None
+        raise
+    finally:
+        watch.cancel()
+
+
+async def _cancel_on_disconnect(receive: Receive, task: asyncio.Task[Any]) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    task.cancel()
 
 
 async def _parse_body(request: Request) -> ImageGenerationBody:
@@ -90,6 +123,9 @@ async def readyz(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     metrics: Metrics = request.app.state.metrics
+    pipeline: Pipeline | None = getattr(request.app.state, "pipeline", None)
+    if pipeline is not None:
+        metrics.sync_balancer(pipeline.balancer)  # this process's state, as of now
     return Response(metrics.exposition(), media_type=CONTENT_TYPE)
 
 

@@ -7,7 +7,9 @@ Every server here listens on 127.0.0.1 on a free port and is stopped by its owne
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import random
 import shutil
 import socket
 import subprocess
@@ -23,13 +25,23 @@ from typing import Any
 import httpx
 import pytest
 import redis
+import uvicorn
 import yaml
 from aiohttp import web
 from starlette.applications import Starlette
 
 from gateway.app import create_app
+from gateway.balancer import Balancer, Clock, Pool
+from gateway.cache import MemoryCache, ResultCache
 from gateway.cli import free_port
-from gateway.registry import Registry, parse_registry
+from gateway.coalesce import Coalescer
+from gateway.discovery import FakeResolver, Resolver
+from gateway.errors import UpstreamError
+from gateway.health import Prober
+from gateway.pipeline import Pipeline
+from gateway.protocols import open_worker_session
+from gateway.registry import CacheSpec, Registry, parse_registry
+from gateway.schema import ImageGenerationBody
 from gateway.simworker import spawn, stop, wait_healthy
 
 
@@ -101,23 +113,121 @@ def make_registry(
     return parse_registry(registry_yaml(pools, adapters, cache=cache, **pool_options))
 
 
+@dataclass
+class Gateway:
+    """The gateway app in memory, and an httpx client wired to it."""
+
+    app: Starlette
+    client: httpx.AsyncClient
+
+    @property
+    def pipeline(self) -> Pipeline:
+        pipeline: Pipeline = self.app.state.pipeline
+        return pipeline
+
+
 @asynccontextmanager
-async def gateway_app(
-    registry: Registry, **options: Any
-) -> AsyncIterator[tuple[Starlette, httpx.AsyncClient]]:
-    """The gateway app in memory (lifespan run) and a client driving it through
-    httpx.ASGITransport; the app, to look at its state. `options` go to create_app."""
-    app = create_app(registry, **options)
+async def gateway(
+    registry: Registry,
+    *,
+    resolver: Resolver | None = None,
+    clock: Clock = time.monotonic,
+    **options: Any,
+) -> AsyncIterator[Gateway]:
+    """The gateway app with its lifespan run (background probes and discovery too),
+    driven through httpx.ASGITransport; DNS comes from `resolver` (none by default).
+    `options` go to create_app."""
+    app = create_app(registry, resolver=resolver or FakeResolver(), clock=clock, **options)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
-            yield app, client
+            yield Gateway(app, client)
 
 
 @asynccontextmanager
-async def gateway_client(registry: Registry) -> AsyncIterator[httpx.AsyncClient]:
-    async with gateway_app(registry) as (_, client):
-        yield client
+async def gateway_client(
+    registry: Registry, *, resolver: Resolver | None = None
+) -> AsyncIterator[httpx.AsyncClient]:
+    """Just the client of `gateway()`."""
+    async with gateway(registry, resolver=resolver) as gw:
+        yield gw.client
+
+
+@asynccontextmanager
+async def gateway_server(registry: Registry) -> AsyncIterator[tuple[str, Starlette]]:
+    """The gateway under a real uvicorn in this process, on a free loopback port;
+    yields its URL and the app. For what only a real server does (disconnects)."""
+    app = create_app(registry, resolver=FakeResolver())
+    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            if task.done():
+                task.result()  # raises why it could not start
+            await asyncio.sleep(0.01)
+        yield f"http://127.0.0.1:{config.port}", app
+    finally:
+        server.should_exit = True
+        await task
+
+
+@asynccontextmanager
+async def local_pipeline(
+    registry: Registry, *, clock: Clock = time.monotonic
+) -> AsyncIterator[tuple[Pipeline, Prober]]:
+    """The pipeline without the HTTP front (and no background tasks): a balancer on
+    `clock` and a real worker session; probes run when the test says."""
+    async with open_worker_session(registry) as session:
+        balancer = Balancer(registry, clock=clock, rng=random.Random(1))
+        # The cache off: each generate() here is meant to reach the balancer.
+        cache = ResultCache(backend=MemoryCache(max_bytes=0), spec=CacheSpec(enabled=False))
+        pipeline = Pipeline(
+            registry=registry,
+            balancer=balancer,
+            session=session,
+            cache=cache,
+            coalescer=Coalescer(cache=cache),
+        )
+        yield pipeline, Prober(balancer=balancer, session=session, clock=clock)
+
+
+def request(**overrides: Any) -> ImageGenerationBody:
+    return ImageGenerationBody.model_validate(body(**overrides))
+
+
+async def generate(pipeline: Pipeline, **overrides: Any) -> str:
+    """One generation; the worker's name, or the error's class and reason."""
+    try:
+        result = await pipeline.generate(request(**overrides), request_id="t")
+    except UpstreamError as exc:
+        return f"{type(exc).__name__}:{exc.reason}"
+    return result.worker
+
+
+def the_pool(pipeline: Pipeline) -> Pool:
+    (pool,) = pipeline.balancer.pools.values()
+    return pool
+
+
+def assert_idle(pool: Pool) -> None:
+    assert [w.in_flight for w in pool.workers] == [0] * len(pool.workers)
+    assert not pool.queue
+    assert pool.active == 0
+    assert pool.active_retries == 0
+
+
+class FakeClock:
+    """Time that moves only when the test says: `clock()` reads it."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 def body(**overrides: Any) -> dict[str, Any]:
@@ -130,17 +240,24 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @dataclass
 class ScriptedWorker:
-    """A worker whose every answer the test writes; it records what it was sent."""
+    """A worker whose every answer the test writes; it records what it was sent.
+    `GET /health` answers 200 while `healthy` is true, 503 otherwise."""
 
     handler: Handler
     url: str = ""
+    healthy: bool = True
     received: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
+    probes: int = 0
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.received.append(json.loads(await request.read()))
         self.headers.append(dict(request.headers))
         return await self.handler(request)
+
+    async def _health(self, request: web.Request) -> web.StreamResponse:
+        self.probes += 1
+        return web.json_response({"status": "ok"}, status=200 if self.healthy else 503)
 
 
 @asynccontextmanager
@@ -148,6 +265,7 @@ async def scripted_worker(handler: Handler) -> AsyncIterator[ScriptedWorker]:
     worker = ScriptedWorker(handler)
     app = web.Application()
     app.router.add_post("/v1/images/generations", worker._handle)
+    app.router.add_get("/health", worker._health)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -158,6 +276,13 @@ async def scripted_worker(handler: Handler) -> AsyncIterator[ScriptedWorker]:
         yield worker
     finally:
         await runner.cleanup()
+
+
+@asynccontextmanager
+async def scripted_workers(*handlers: Handler) -> AsyncIterator[list[ScriptedWorker]]:
+    """Several scripted workers, one per handler, all stopped at exit."""
+    async with contextlib.AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(scripted_worker(h)) for h in handlers]
 
 
 def image_ok(payload: bytes = b'{"image":"aGVsbG8="}') -> Handler:
@@ -180,6 +305,60 @@ def answers(status: int, text: str) -> Handler:
         return web.Response(status=status, text=text, content_type="application/json")
 
     return handler
+
+
+def held(release: asyncio.Event, payload: bytes = b'{"image":"aGVsbG8="}') -> Handler:
+    """Answers only once the test sets `release`: a worker busy for as long as needed."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await release.wait()
+        return web.Response(body=payload, content_type="application/json")
+
+    return handler
+
+
+@asynccontextmanager
+async def released_at_exit(release: asyncio.Event) -> AsyncIterator[None]:
+    """Sets `release` when the block ends, however: a failing test must not leave a
+    `held` worker holding, nor a server waiting on it at shutdown."""
+    try:
+        yield
+    finally:
+        release.set()
+
+
+def trickles(every_s: float) -> Handler:
+    """Starts a 200 answer, then sends a byte every `every_s`, never finishing."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        await resp.write(b'{"image":"')
+        while True:
+            await asyncio.sleep(every_s)
+            await resp.write(b"A")
+
+    return handler
+
+
+def delayed(handler: Handler, seconds: float) -> Handler:
+    """`handler`, answering `seconds` later (so that requests overlap)."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(seconds)
+        return await handler(request)
+
+    return handle
+
+
+async def eventually(condition: Callable[[], bool], *, within_s: float = 10.0) -> None:
+    """Wait until another task makes `condition` true; fail only if it never does.
+    (A wait for an event, never an assertion about speed.)"""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within_s
+    while not condition():
+        assert loop.time() < deadline, "the condition never came true"
+        await asyncio.sleep(0.005)
 
 
 def dead_url() -> str:

@@ -19,7 +19,7 @@ from tests.support import (
     SimWorker,
     blackhole,
     body,
-    gateway_app,
+    gateway,
     gateway_client,
     gateway_process,
     generations,
@@ -141,11 +141,11 @@ async def test_entries_over_max_entry_bytes_are_not_stored(
     cache: dict[str, Any] = {"max_entry_bytes": 100}
     if backend == "redis":
         cache = redis_cache(request.getfixturevalue("redis_url"), **cache)
-    async with gateway_app(make_registry(pools(fast_sims), cache=cache)) as (app, client):
-        assert (await post(client, seed=5)).headers["x-cache"] == "miss"
-        assert (await post(client, seed=5)).headers["x-cache"] == "miss"
-        assert metric(app, "gateway_cache_stores_total", result="too_big") == 2
-        assert metric(app, "gateway_cache_stores_total", result="stored") == 0
+    async with gateway(make_registry(pools(fast_sims), cache=cache)) as gw:
+        assert (await post(gw.client, seed=5)).headers["x-cache"] == "miss"
+        assert (await post(gw.client, seed=5)).headers["x-cache"] == "miss"
+        assert metric(gw.app, "gateway_cache_stores_total", result="too_big") == 2
+        assert metric(gw.app, "gateway_cache_stores_total", result="stored") == 0
 
 
 async def test_a_disabled_cache_says_bypass_and_stores_nothing(
@@ -165,13 +165,13 @@ async def test_a_tiny_redis_with_allkeys_lru_evicts_and_keeps_serving() -> None:
     with redis_server(*lru) as server:
         async with scripted_worker(image_ok(BIG)) as worker:
             registry = make_registry({"sdxl": [worker.url]}, cache=redis_cache(server.url))
-            async with gateway_app(registry) as (app, client):
+            async with gateway(registry) as gw:
                 for seed in range(30):
-                    assert (await post(client, seed=seed)).content == BIG
-                assert (await post(client, seed=29)).headers["x-cache"] == "hit"
-                assert (await post(client, seed=0)).headers["x-cache"] == "miss", "evicted"
-                assert metric(app, "gateway_cache_errors_total") == 0
-                assert metric(app, "gateway_cache_stores_total", result="stored") == 31
+                    assert (await post(gw.client, seed=seed)).content == BIG
+                assert (await post(gw.client, seed=29)).headers["x-cache"] == "hit"
+                assert (await post(gw.client, seed=0)).headers["x-cache"] == "miss", "evicted"
+                assert metric(gw.app, "gateway_cache_errors_total") == 0
+                assert metric(gw.app, "gateway_cache_stores_total", result="stored") == 31
         assert server.info("stats")["evicted_keys"] > 0
         assert server.info("memory")["used_memory"] <= 4 * 2**20 + 300_000
 
@@ -180,10 +180,10 @@ async def test_a_full_redis_that_refuses_writes_never_fails_a_request() -> None:
     with redis_server("--maxmemory", "2mb", "--maxmemory-policy", "noeviction") as server:
         async with scripted_worker(image_ok(BIG)) as worker:
             registry = make_registry({"sdxl": [worker.url]}, cache=redis_cache(server.url))
-            async with gateway_app(registry) as (app, client):
+            async with gateway(registry) as gw:
                 for seed in range(15):
-                    assert (await post(client, seed=seed)).content == BIG
-                refused = metric(app, "gateway_cache_errors_total", op="set")
+                    assert (await post(gw.client, seed=seed)).content == BIG
+                refused = metric(gw.app, "gateway_cache_errors_total", op="set")
                 assert refused >= 1, "OOM refusals were counted"
 
 
@@ -194,26 +194,26 @@ async def test_redis_killed_mid_run_then_back(fast_sims: list[SimWorker]) -> Non
         # machine once Redis is back.
         timeouts = {"timeout_ms": 250, "connect_timeout_ms": 250}
         cache = {"url": server.url, "cooldown_s": cooldown, "failure_threshold": 3, **timeouts}
-        async with gateway_app(make_registry(pools(fast_sims), cache=cache)) as (app, client):
-            await post(client, seed=1)
-            assert (await post(client, seed=1)).headers["x-cache"] == "hit"
+        async with gateway(make_registry(pools(fast_sims), cache=cache)) as gw:
+            await post(gw.client, seed=1)
+            assert (await post(gw.client, seed=1)).headers["x-cache"] == "hit"
 
             server.kill()
             started = time.monotonic()
             for seed in range(20):
                 sent = time.monotonic()
-                resp = await post(client, seed=seed)
+                resp = await post(gw.client, seed=seed)
                 assert resp.headers["x-cache"] in ("miss", "bypass")
                 assert time.monotonic() - sent < 1.0, "a dead Redis adds at most a timeout"
             elapsed = time.monotonic() - started
-            errors = metric(app, "gateway_cache_errors_total")
+            errors = metric(gw.app, "gateway_cache_errors_total")
             # Three failures open the breaker; after that, one probe per cool-down.
             assert 3 <= errors <= 3 + math.ceil(elapsed / cooldown)
 
             server.start()
             await asyncio.sleep(cooldown + 0.1)
-            assert (await post(client, seed=100)).headers["x-cache"] == "miss"
-            assert (await post(client, seed=100)).headers["x-cache"] == "hit", "it came back"
+            assert (await post(gw.client, seed=100)).headers["x-cache"] == "miss"
+            assert (await post(gw.client, seed=100)).headers["x-cache"] == "hit", "it came back"
 
 
 async def test_a_redis_that_never_answers_costs_at_most_its_timeouts(
@@ -221,11 +221,11 @@ async def test_a_redis_that_never_answers_costs_at_most_its_timeouts(
 ) -> None:
     with blackhole() as url:
         cache = {"url": url, "timeout_ms": 50, "connect_timeout_ms": 50, "cooldown_s": 60}
-        async with gateway_app(make_registry(pools(fast_sims), cache=cache)) as (app, client):
+        async with gateway(make_registry(pools(fast_sims), cache=cache)) as gw:
 
             async def timed(seed: int) -> float:
                 sent = time.monotonic()
-                await post(client, seed=seed)
+                await post(gw.client, seed=seed)
                 return time.monotonic() - sent
 
             # Concurrent first calls each wait out their own timeout, once.
@@ -233,7 +233,7 @@ async def test_a_redis_that_never_answers_costs_at_most_its_timeouts(
             assert slowest < 1.5, "three cache calls of at most 0.1 s each, plus an image"
             later = [await timed(seed) for seed in range(20, 30)]
             assert max(later) < 0.5, "the breaker is open: no cache calls at all"
-            assert metric(app, "gateway_cache_requests_total", result="bypass") == 10
+            assert metric(gw.app, "gateway_cache_requests_total", result="bypass") == 10
 
 
 async def test_fifty_identical_requests_make_one_generation(
@@ -241,14 +241,14 @@ async def test_fifty_identical_requests_make_one_generation(
 ) -> None:
     registry = make_registry(pools(fast_sims), cache=redis_cache(redis_url))
     before = generations(fast_sims)
-    async with gateway_app(registry) as (app, client):
+    async with gateway(registry) as gw:
         same = body(seed=8, num_inference_steps=50)  # 50 ms at 1 ms a step
-        responses = await asyncio.gather(*(client.post(PATH, json=same) for _ in range(50)))
+        responses = await asyncio.gather(*(gw.client.post(PATH, json=same) for _ in range(50)))
     assert {r.status_code for r in responses} == {200}
     assert len({r.content for r in responses}) == 1
     assert generations(fast_sims) - before == 1
-    local = metric(app, "gateway_coalesced_requests_total", scope="local")
-    assert local + metric(app, "gateway_cache_requests_total", result="hit") == 49
+    local = metric(gw.app, "gateway_coalesced_requests_total", scope="local")
+    assert local + metric(gw.app, "gateway_cache_requests_total", result="hit") == 49
     assert local > 0, "they were in flight together"
 
 
@@ -297,10 +297,10 @@ async def test_a_reload_that_changes_the_cache_section_says_it_needs_a_restart(
     fast_sims: list[SimWorker], caplog: pytest.LogCaptureFixture
 ) -> None:
     registry = make_registry(pools(fast_sims))
-    async with gateway_app(registry) as (app, client):
+    async with gateway(registry) as gw:
         same_cache = make_registry(pools(fast_sims), timeout_s=60)
-        app.state.pipeline.use_registry(same_cache)
+        gw.pipeline.use_registry(same_cache)
         assert "cache section changed" not in caplog.text
-        app.state.pipeline.use_registry(make_registry(pools(fast_sims), cache={"ttl_s": 60}))
+        gw.pipeline.use_registry(make_registry(pools(fast_sims), cache={"ttl_s": 60}))
         assert "cache section changed: it applies at the next restart" in caplog.text
-        assert (await post(client, seed=12)).headers["x-cache"] == "miss"  # still serving
+        assert (await post(gw.client, seed=12)).headers["x-cache"] == "miss"  # still serving

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import httpx
@@ -10,12 +11,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.metrics import Metrics, Trace
 from tests.support import (
     SimWorker,
+    answers,
     body,
     dead_url,
-    gateway_app,
+    gateway,
     gateway_process,
     make_registry,
     registry_yaml,
+    scripted_worker,
 )
 
 
@@ -33,7 +36,8 @@ def value(text: str, name: str, **labels: str) -> float:
 
 async def test_requests_are_counted_by_adapter_and_status(fast_sims: list[SimWorker]) -> None:
     registry = make_registry({"p": [s.url for s in fast_sims], "dead": [dead_url()]})
-    async with gateway_app(registry) as (_, client):
+    async with gateway(registry) as gw:
+        client = gw.client
         for model in ("p", "p", "dead", "no-such-model"):
             await client.post("/v1/images/generations", json=body(model=model))
         await client.post("/v1/images/generations", json=body(num_inference_steps=0))
@@ -86,3 +90,41 @@ def test_several_processes_are_summed(tmp_path: Path, fast_sims: list[SimWorker]
     assert value(text, "gateway_requests_total", adapter="p", status="200") == 12
     assert "999999.db" not in pids
     assert len(pids) == 2
+
+
+async def test_worker_try_retry_and_queue_metrics(fast_sims: list[SimWorker]) -> None:
+    async with scripted_worker(answers(503, '{"detail": "busy"}')) as busy:
+        registry = make_registry({"p": [busy.url, fast_sims[0].url]})
+        async with gateway(registry) as gw:
+            codes: list[int] = []
+            while len(codes) < 6 or not busy.received:  # ties are random: go till p-0 is tried
+                reply = await gw.client.post("/v1/images/generations", json=body())
+                codes.append(reply.status_code)
+                assert len(codes) < 100
+            text = (await gw.client.get("/metrics")).text
+    assert set(codes) == {200}
+    refused = value(
+        text, "gateway_upstream_errors_total", pool="p", worker="p-0", reason="http_503"
+    )
+    assert refused == len(busy.received) >= 1
+    assert value(text, "gateway_retries_total", pool="p", reason="http_503") == refused
+    served = value(text, "gateway_upstream_duration_seconds_count", pool="p", worker="p-1")
+    assert served == len(codes)
+    assert value(text, "gateway_queue_wait_seconds_count", pool="p") == len(codes) + refused
+    assert value(text, "gateway_worker_in_flight", pool="p", worker="p-1") == 0
+    assert value(text, "gateway_worker_healthy", pool="p", worker="p-1") == 1
+    assert value(text, "gateway_queue_depth", pool="p") == 0
+
+
+async def test_a_full_queue_is_counted(fast_sims: list[SimWorker]) -> None:
+    worker = {"url": fast_sims[0].url, "max_concurrency": 1}
+    registry = make_registry({"p": [worker]}, max_queue=0)
+    async with gateway(registry) as gw:
+        slow = body(num_inference_steps=50)  # 50 ms at 1 ms a step
+        replies = await asyncio.gather(
+            *(gw.client.post("/v1/images/generations", json=slow) for _ in range(3))
+        )
+        text = (await gw.client.get("/metrics")).text
+    assert sorted(r.status_code for r in replies) == [200, 503, 503]
+    assert value(text, "gateway_queue_rejections_total", pool="p", reason="full") == 2
+    assert value(text, "gateway_requests_total", adapter="p", status="503") == 2

@@ -16,7 +16,7 @@ from tests.support import (
     answers,
     body,
     dead_url,
-    gateway_app,
+    gateway,
     gateway_client,
     image_ok,
     make_registry,
@@ -135,7 +135,8 @@ async def test_worker_dropping_the_connection_is_502() -> None:
 async def test_in_flight_returns_to_zero_after_failures() -> None:
     async with scripted_worker(answers(500, "{}")) as worker:
         registry = make_registry({"p": [worker.url, dead_url()]}, ADAPTERS)
-        async with gateway_app(registry) as (app, client):
+        async with gateway(registry) as gw:
+            app, client = gw.app, gw.client
             replies = await asyncio.gather(
                 *(client.post("/v1/images/generations", json=body()) for _ in range(20))
             )

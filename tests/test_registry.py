@@ -137,3 +137,33 @@ def test_repository_adapters_yaml_is_valid() -> None:
     registry = load_registry(Path(__file__).parent.parent / "adapters.yaml")
     assert len(registry.pools) >= 2
     assert registry.resolve(None).default
+
+
+def test_pool_settings_have_documented_defaults_and_are_validated() -> None:
+    pool = parse_registry(GOOD).pools["sdxl"]
+    assert (pool.max_queue, pool.queue_timeout_s, pool.adapter_load_s) == (100, 30.0, 1.0)
+    assert (pool.max_retries, pool.max_accepted_retries) == (2, 1)
+    assert pool.retry_on == ("5xx", "timeout", "truncated")
+    assert pool.health.consecutive_failures == 5
+    with pytest.raises(ConfigError, match=r"pools\.sdxl\.retry_on\.0"):
+        parse_registry(edit("    protocol: friendli-container\n", "    retry_on: [4xx]\n"))
+    with pytest.raises(ConfigError, match=r"pools\.sdxl\.health\.healthy_threshold"):
+        parse_registry(
+            edit("    protocol: friendli-container\n", "    health: {healthy_threshold: 0}\n")
+        )
+
+
+def test_a_pool_takes_workers_or_discover_not_both() -> None:
+    both = edit(
+        "    protocol: friendli-container\n",
+        "    discover: {dns: workers.sdxl.svc, port: 8000}\n",
+    )
+    with pytest.raises(ConfigError, match=r":3: pools\.sdxl: give either a 'workers' list or"):
+        parse_registry(both)
+    dns_only = GOOD.replace(
+        '    workers:\n      - {url: "https://flux.internal:8000"}\n',
+        "    discover: {dns: flux.ns.svc.cluster.local, port: 8000, every_s: 5}\n",
+    )
+    discover = parse_registry(dns_only).pools["flux"].discover
+    assert discover is not None
+    assert discover.url_for("10.1.2.3") == "http://10.1.2.3:8000"

@@ -13,7 +13,7 @@ import pytest
 from gateway.errors import ConfigError
 from gateway.metrics import Metrics
 from gateway.registry import Registry, RegistryFile, Reloader, load_registry
-from tests.support import SimWorker, body, gateway_app, registry_yaml, served_gateway
+from tests.support import SimWorker, body, gateway, registry_yaml, served_gateway
 
 
 def two_versions(sims: list[SimWorker]) -> tuple[str, str]:
@@ -38,7 +38,7 @@ def test_reloader_applies_a_good_file_and_refuses_a_bad_one(tmp_path: Path) -> N
     path.write_text(registry_yaml({"p": ["http://127.0.0.1:2"]}))
     assert reloader.reload() == "ok"
     path.write_text("pools: {p: {workers: []}}\nadapters: []\n")
-    with pytest.raises(ConfigError, match="workers"):
+    with pytest.raises(ConfigError, match="adapters: Tuple should have at least 1 item"):
         reloader.reload()
     assert [r.pools["p"].workers[0].url for r in serving] == [
         "http://127.0.0.1:1",
@@ -56,7 +56,8 @@ async def test_admin_reload_under_load_drops_nothing(
     path = tmp_path / "adapters.yaml"
     path.write_text(one)
     source = RegistryFile(path)
-    async with gateway_app(load_registry(path), source=source) as (app, client):
+    async with gateway(load_registry(path), source=source) as gw:
+        app, client = gw.app, gw.client
         kept = list(app.state.pipeline.balancer.pool("p").workers)
         stop = asyncio.Event()
 
@@ -89,7 +90,8 @@ async def test_admin_reload_refuses_a_bad_file_and_keeps_serving(
     one, _ = two_versions(fast_sims)
     path = tmp_path / "adapters.yaml"
     path.write_text(one)
-    async with gateway_app(load_registry(path), source=RegistryFile(path)) as (_, client):
+    async with gateway(load_registry(path), source=RegistryFile(path)) as gw:
+        client = gw.client
         path.write_text(one.replace("pool: p", "pool: nowhere"))
         refused = await client.post("/admin/reload")
         still = await client.post("/v1/images/generations", json=body(model="a"))
@@ -103,8 +105,9 @@ async def test_file_watcher_picks_up_a_change(tmp_path: Path, fast_sims: list[Si
     one, two = two_versions(fast_sims)
     path = tmp_path / "adapters.yaml"
     path.write_text(one)
-    options = {"source": RegistryFile(path), "reload_every_s": 0.05}
-    async with gateway_app(load_registry(path), **options) as (_, client):
+    source = RegistryFile(path)
+    async with gateway(load_registry(path), source=source, reload_every_s=0.05) as gw:
+        client = gw.client
         path.write_text(two)
         for _ in range(100):
             ids = [m["id"] for m in (await client.get("/v1/models")).json()["data"]]

@@ -31,6 +31,10 @@ class WorkerProtocol(Protocol):
         headers: Mapping[str, str],
     ) -> bytes: ...
 
+    async def healthy(
+        self, session: aiohttp.ClientSession, base_url: str, *, timeout: aiohttp.ClientTimeout
+    ) -> bool: ...
+
 
 PROTOCOLS: Mapping[str, WorkerProtocol] = {FriendliContainer.name: FriendliContainer()}
 

@@ -29,6 +29,7 @@ class FriendliContainer:
         headers: Mapping[str, str],
     ) -> bytes:
         """The worker's success body, untouched; every failure as an UpstreamError."""
+        answered = False  # a lost connection before the answer began is safe to retry
         try:
             async with session.post(
                 base_url + self.path,
@@ -37,26 +38,45 @@ class FriendliContainer:
                 timeout=timeout,
                 allow_redirects=False,
             ) as resp:
+                answered = True
                 body = await resp.read()
                 status = resp.status
         except aiohttp.ConnectionTimeoutError as exc:
             raise WorkerUnreachable(f"worker {worker}: connect timed out") from exc
         except TimeoutError as exc:
-            raise UpstreamTimeout(f"worker {worker}: no answer within {timeout.total}s") from exc
+            waited = f"{round(timeout.total or 0, 1):g}s"  # the time this try was given
+            raise UpstreamTimeout(f"worker {worker}: no answer within {waited}") from exc
         except aiohttp.ClientConnectorError as exc:
             raise WorkerUnreachable(f"worker {worker}: connection refused") from exc
         except aiohttp.ClientError as exc:
+            if answered:
+                msg = f"worker {worker}: connection lost while reading the answer"
+                raise WorkerFailed(msg, reason="truncated") from exc
             raise WorkerFailed(f"worker {worker}: connection lost", reason="reset") from exc
         if status == 200:
             return body
         return _raise_for(status, body, worker)
+
+    async def healthy(
+        self, session: aiohttp.ClientSession, base_url: str, *, timeout: aiohttp.ClientTimeout
+    ) -> bool:
+        """One probe: `GET /health` answered 200. Any failure is just "not healthy"."""
+        try:
+            async with session.get(
+                base_url + self.health_path, timeout=timeout, allow_redirects=False
+            ) as resp:
+                await resp.read()
+                return resp.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
 
 
 def _raise_for(status: int, body: bytes, worker: str) -> bytes:
     if 400 <= status < 500 and status not in (408, 429):
         raise UpstreamRejected(status, f"worker rejected the request: {_message(body)}")
     # A 5xx body may hold a traceback or internal names: it never reaches the client.
-    reason = "http_429" if status == 429 else f"http_{status // 100}xx"
+    # 429 and 503 say "not now" before the job started, so they get their own reasons.
+    reason = f"http_{status}" if status in (429, 503) else f"http_{status // 100}xx"
     raise WorkerFailed(f"worker {worker}: HTTP {status}", reason=reason)
 
 

@@ -1,0 +1,387 @@
+"""Balancing policies for one pool of GPU workers, in a discrete-event simulation.
+
+    python -m bench.balance [--duration 2000] [--seed 1]
+
+Virtual clock, no sleeping, seeded and repeatable; it runs in seconds. The scenario
+(issue 3): 4 workers with 1, 2, 2 and 4 slots and speeds 1.0, 1.0, 1.5 and 2.0; a
+generation takes lognormal time, mean 2.0 s at speed 1.0 (sigma 0.3 in log space),
+divided by the worker's speed; 50 adapters with Zipf(1.1) popularity; each worker
+holds at most 8 adapters (LRU) and loading one adds 0.3 s; Poisson arrivals at
+rho = 0.5, 0.8 and 0.95 of the capacity without loads (sum of slots x speed / 2.0 s
+= 7 requests/s). Every policy sees the same requests (arrival, adapter, work).
+
+Policies:
+  round-robin, random   push at arrival; each worker queues its own backlog
+  least-loaded push     push to the lowest (outstanding + 1) / slots, adapter-blind
+                        (Envoy's least-request, with a full scan: a strong baseline)
+  central FIFO, blind   the REAL gateway.balancer.Pool with affinity off
+                        (warm_adapters: 0): one queue, free slots by weighted P2C
+  ideal central queue   the same, and adapter loads cost nothing: the lower bound
+  this balancer         the REAL gateway.balancer.Pool as configured for the pool
+                        (warm_adapters: 8, adapter_load_s: 0.3, weight = speed)
+
+Measured over the requests that arrive after a warm-up (a tenth of the run): p50 and
+p99 latency (arrival to done), throughput, adapter loads per 1,000 requests; and the
+backlog (requests not yet started) when arrivals stop: a growing one means unstable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import itertools
+import math
+import random
+import statistics
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from gateway.balancer import Balancer, Pool, Ticket, Worker
+from gateway.registry import PoolSpec, Registry
+
+SLOTS = (1, 2, 2, 4)
+SPEEDS = (1.0, 1.0, 1.5, 2.0)
+MEAN_S = 2.0
+SIGMA = 0.3
+ADAPTERS = 50
+ZIPF_S = 1.1
+LOADED_MAX = 8
+LOAD_S = 0.3
+CAPACITY = sum(s * v for s, v in zip(SLOTS, SPEEDS, strict=True)) / MEAN_S  # 7 req/s
+RHOS = (0.5, 0.8, 0.95)
+DEFAULT_ADAPTER_LOAD_S = PoolSpec.model_fields["adapter_load_s"].default
+
+
+@dataclass
+class Job:
+    arrived: float
+    adapter: str
+    work_s: float  # service time at speed 1.0, without an adapter load
+    started: float = math.nan
+    done: float = math.nan
+
+
+def workload(rho: float, duration_s: float, seed: int) -> list[Job]:
+    """Poisson arrivals at rho x capacity for duration_s, Zipf adapters, lognormal work."""
+    rng = random.Random(seed)
+    names = [f"lora-{k}" for k in range(ADAPTERS)]
+    weights = [1 / (k + 1) ** ZIPF_S for k in range(ADAPTERS)]
+    mu = math.log(MEAN_S) - SIGMA**2 / 2  # so that the mean is MEAN_S
+    jobs, now = [], 0.0
+    while (now := now + rng.expovariate(rho * CAPACITY)) < duration_s:
+        adapter = rng.choices(names, weights)[0]
+        jobs.append(Job(now, adapter, rng.lognormvariate(mu, SIGMA)))
+    return jobs
+
+
+class Sim:
+    """An event heap on a virtual clock."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self._events: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+
+    def at(self, when: float, action: Callable[[], None]) -> None:
+        heapq.heappush(self._events, (when, next(self._seq), action))
+
+    def run(self) -> None:
+        while self._events:
+            self.now, _, action = heapq.heappop(self._events)
+            action()
+
+
+@dataclass(eq=False)
+class Gpu:
+    """The ground truth of one worker: its slots, speed and loaded adapters."""
+
+    slots: int
+    speed: float
+    load_s: float
+    running: int = 0
+    backlog: deque[Job] = field(default_factory=deque)  # push policies queue here
+    loaded: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    loads: int = 0
+
+    def duration(self, job: Job) -> float:
+        """Time for `job` here, loading its adapter first if it is not held."""
+        cost = 0.0
+        if job.adapter not in self.loaded:
+            cost, self.loads = self.load_s, self.loads + 1
+        self.loaded[job.adapter] = None
+        self.loaded.move_to_end(job.adapter)
+        while len(self.loaded) > LOADED_MAX:
+            self.loaded.popitem(last=False)
+        return job.work_s / self.speed + cost
+
+
+def gpus(load_s: float = LOAD_S) -> list[Gpu]:
+    return [Gpu(s, v, load_s) for s, v in zip(SLOTS, SPEEDS, strict=True)]
+
+
+# -- push policies: the choice is made at arrival, each worker queues its own ------------
+
+Chooser = Callable[[Sequence[Gpu], random.Random], Gpu]
+
+
+def round_robin() -> Chooser:
+    turn = itertools.count()
+    return lambda workers, rng: workers[next(turn) % len(workers)]
+
+
+def at_random() -> Chooser:
+    return lambda workers, rng: rng.choice(workers)
+
+
+def least_loaded() -> Chooser:
+    def choose(workers: Sequence[Gpu], rng: random.Random) -> Gpu:
+        def score(gpu: Gpu) -> float:
+            return (gpu.running + len(gpu.backlog) + 1) / gpu.slots
+
+        best = min(score(gpu) for gpu in workers)
+        return rng.choice([gpu for gpu in workers if score(gpu) == best])
+
+    return choose
+
+
+def run_push(jobs: Sequence[Job], choose: Chooser, seed: int) -> list[Gpu]:
+    sim, workers, rng = Sim(), gpus(), random.Random(seed)
+
+    def start(gpu: Gpu, job: Job) -> None:
+        gpu.running += 1
+        job.started = sim.now
+        sim.at(sim.now + gpu.duration(job), lambda: finish(gpu, job))
+
+    def finish(gpu: Gpu, job: Job) -> None:
+        job.done, gpu.running = sim.now, gpu.running - 1
+        if gpu.backlog:
+            start(gpu, gpu.backlog.popleft())
+
+    def arrive(job: Job) -> None:
+        gpu = choose(workers, rng)
+        if gpu.running < gpu.slots:
+            start(gpu, job)
+        else:
+            gpu.backlog.append(job)
+
+    for job in jobs:
+        sim.at(job.arrived, lambda job=job: arrive(job))  # type: ignore[misc]
+    sim.run()
+    return workers
+
+
+# -- the real balancer, on the virtual clock ------------------------------------------
+
+
+def pool_registry(*, warm_adapters: int, adapter_load_s: float) -> Registry:
+    workers = [
+        {"url": f"http://gpu-{i}:8000", "max_concurrency": s, "weight": v}
+        for i, (s, v) in enumerate(zip(SLOTS, SPEEDS, strict=True))
+    ]
+    pool = {
+        "workers": workers,
+        "warm_adapters": warm_adapters,
+        "adapter_load_s": adapter_load_s,
+        "max_queue": 100_000,  # the simulation measures the backlog instead of refusing
+        "queue_timeout_s": 3600,
+    }
+    return Registry.model_validate(
+        {"pools": {"gpu": pool}, "adapters": [{"name": "base", "pool": "gpu"}]}
+    )
+
+
+@dataclass
+class PoolRun:
+    workers: list[Gpu]
+    pool: Pool
+    beyond_fifo_s: list[float]  # per request: its grant minus its turn under FIFO
+
+
+def run_pool(
+    jobs: Sequence[Job], registry: Registry, seed: int, *, load_s: float = LOAD_S
+) -> PoolRun:
+    """Drive the real Pool. Each request's FIFO turn is the grant that strict FIFO
+    would have given it on the same sequence of grants: the (n+1)-th after its
+    arrival, n being the requests queued ahead of it then."""
+    sim, workers = Sim(), gpus(load_s)
+    pool = Balancer(registry, clock=lambda: sim.now, rng=random.Random(seed)).pool("gpu")
+    gpu_of: dict[Worker, Gpu] = dict(zip(pool.workers, workers, strict=True))
+    job_of: dict[Ticket, Job] = {}
+    turn_of: dict[Ticket, int] = {}  # index into grants of its FIFO turn
+    grants: list[float] = []
+    beyond: list[float] = []
+    wakeups: set[float] = set()
+
+    def granted(ticket: Ticket) -> None:
+        assert ticket.worker is not None
+        gpu, job = gpu_of[ticket.worker], job_of.pop(ticket)
+        job.started = sim.now
+        grants.append(sim.now)
+        turn = turn_of.pop(ticket)
+        beyond.append(sim.now - grants[turn] if turn < len(grants) else 0.0)
+        sim.at(sim.now + gpu.duration(job), lambda: finish(ticket, job))
+
+    def finish(ticket: Ticket, job: Job) -> None:
+        job.done = sim.now
+        pool.release(ticket, "ok")
+        wake_later()
+
+    def arrive(job: Job) -> None:
+        ticket = Ticket(job.adapter, granted)
+        job_of[ticket], turn_of[ticket] = job, len(grants) + len(pool.queue)
+        pool.submit(ticket)
+        wake_later()
+
+    def wake_later() -> None:
+        # A waiter's affinity allowance running out is an event too.
+        when = pool.next_wakeup()
+        if when is not None and when not in wakeups:
+            wakeups.add(when)
+            sim.at(when, lambda: wake(when))
+
+    def wake(when: float) -> None:
+        wakeups.discard(when)
+        pool.dispatch()
+        wake_later()
+
+    for job in jobs:
+        sim.at(job.arrived, lambda job=job: arrive(job))  # type: ignore[misc]
+    sim.run()
+    return PoolRun(workers, pool, beyond)
+
+
+# -- measuring ------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    policy: str
+    rho: float
+    p50_s: float
+    p99_s: float
+    throughput: float  # requests finished per second, after the warm-up
+    loads_per_1000: float
+    backlog: int  # requests not started when arrivals stopped
+
+
+def measure(
+    policy: str, rho: float, jobs: Sequence[Job], workers: Sequence[Gpu], end_s: float
+) -> Result:
+    warm_up = end_s / 10
+    latencies = sorted(j.done - j.arrived for j in jobs if j.arrived >= warm_up)
+    finished = sum(warm_up <= j.done < end_s for j in jobs)
+    cuts = statistics.quantiles(latencies, n=100)
+    return Result(
+        policy,
+        rho,
+        p50_s=cuts[49],
+        p99_s=cuts[98],
+        throughput=finished / (end_s - warm_up),
+        loads_per_1000=1000 * sum(g.loads for g in workers) / len(jobs),
+        backlog=sum(j.started > end_s or math.isnan(j.started) for j in jobs),
+    )
+
+
+PUSH = {"round robin": round_robin, "random": at_random, "least-loaded push": least_loaded}
+BALANCER = "this balancer"
+POLICIES = (
+    *PUSH,
+    "central FIFO, blind",
+    "ideal central queue",
+    BALANCER,
+    f"{BALANCER}, adapter_load_s {LOAD_S}",
+)
+
+
+def balancer_registry(policy: str) -> Registry:
+    """The pool as the gateway would run it. "this balancer" keeps the pool defaults
+    (adapter_load_s: 1 s) but for two facts of the scenario an operator would write
+    down: each worker holds 8 adapters, and its weight is its speed."""
+    if policy in ("central FIFO, blind", "ideal central queue"):
+        return pool_registry(warm_adapters=0, adapter_load_s=0)
+    adapter_load_s = LOAD_S if policy != BALANCER else DEFAULT_ADAPTER_LOAD_S
+    return pool_registry(warm_adapters=LOADED_MAX, adapter_load_s=adapter_load_s)
+
+
+def run_policy(policy: str, rho: float, duration_s: float, seed: int) -> tuple[Result, list[float]]:
+    """One policy at one load: the result, and each request's wait beyond its FIFO turn."""
+    jobs = workload(rho, duration_s, seed)
+    if policy in PUSH:
+        workers, beyond = run_push(jobs, PUSH[policy](), seed), []
+    else:
+        load_s = 0.0 if policy == "ideal central queue" else LOAD_S
+        run = run_pool(jobs, balancer_registry(policy), seed, load_s=load_s)
+        workers, beyond = run.workers, run.beyond_fifo_s
+    return measure(policy, rho, jobs, workers, duration_s), beyond
+
+
+# -- the report -----------------------------------------------------------------------
+
+
+def table(results: Sequence[Result]) -> Iterator[str]:
+    yield "| rho | policy | p50 s | p99 s | throughput /s | loads /1000 | backlog at end |"
+    yield "|---|---|---:|---:|---:|---:|---:|"
+    for r in results:
+        yield (
+            f"| {r.rho} | {r.policy} | {r.p50_s:.2f} | {r.p99_s:.2f} | {r.throughput:.2f} "
+            f"| {r.loads_per_1000:.0f} | {r.backlog} |"
+        )
+
+
+def targets(results: Sequence[Result], beyond_fifo_s: Sequence[float]) -> Iterator[str]:
+    def get(policy: str, rho: float) -> Result:
+        return next(r for r in results if r.policy == policy and r.rho == rho)
+
+    ours, ideal = get(BALANCER, 0.8), get("ideal central queue", 0.8)
+    push, blind = get("least-loaded push", 0.8), get("central FIFO, blind", 0.95)
+    ours95 = get(BALANCER, 0.95)
+    checks = [
+        ("rho 0.8: p99 / ideal central queue <= 1.35", ours.p99_s / ideal.p99_s, 1.35),
+        ("rho 0.8: p99 / ideal central queue <= 1.25 (stretch)", ours.p99_s / ideal.p99_s, 1.25),
+        ("rho 0.8: p99 / least-loaded push <= 0.8", ours.p99_s / push.p99_s, 0.8),
+        (
+            "rho 0.8: adapter loads / least-loaded push <= 0.7",
+            ours.loads_per_1000 / push.loads_per_1000,
+            0.7,
+        ),
+    ]
+    for name, ratio, limit in checks:
+        yield f"{'met' if ratio <= limit else 'NOT MET'}: {name}: {ratio:.2f}"
+    more = ours95.throughput > blind.throughput and ours95.backlog < blind.backlog
+    yield (
+        f"{'met' if more else 'NOT MET'}: rho 0.95: throughput {ours95.throughput:.2f} vs "
+        f"{blind.throughput:.2f} (central FIFO, blind), backlog {ours95.backlog} vs {blind.backlog}"
+    )
+    worst = sorted(beyond_fifo_s)
+    yield (
+        f"wait beyond the FIFO turn ({BALANCER}, every load): max {worst[-1]:.2f} s, "
+        f"p99 {worst[int(len(worst) * 0.99)]:.2f} s; bound: adapter_load_s "
+        f"({DEFAULT_ADAPTER_LOAD_S} s) plus the slot releases it was overtaken by in that time"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.balance", description=__doc__)
+    parser.add_argument("--duration", type=float, default=2000.0, help="virtual seconds")
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    results: list[Result] = []
+    beyond: list[float] = []
+    for rho in RHOS:
+        for policy in POLICIES:
+            result, waits = run_policy(policy, rho, args.duration, args.seed)
+            results.append(result)
+            beyond += waits if policy == BALANCER else []
+    print("\n".join(table(results)))
+    print()
+    print("\n".join(targets(results, beyond)))
+    print(f"\n({args.duration:.0f} virtual s per run, seed {args.seed}, ", end="")
+    print(f"{time.perf_counter() - started:.1f} s of real time)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
