@@ -48,6 +48,9 @@ BODY = {
 }
 PATH = "/v1/images/generations"
 BENCH_KEY = "gw_bench-key"
+# Every request is the same image, so the result cache would answer all but the first:
+# no-store keeps this the forwarding path it measures (bench/cache.py measures hits).
+NO_STORE = "no-store"
 
 
 @dataclass
@@ -64,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=640, help="image side (640: ~160 KB)")
     parser.add_argument("--auth", action="store_true", help="API keys on, one key sent")
     args = parser.parse_args(argv)
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": "application/json", "Cache-Control": NO_STORE}
     if args.auth:
         headers["Authorization"] = f"Bearer {BENCH_KEY}"
     with (

@@ -16,22 +16,25 @@ from starlette.middleware import Middleware
 
 from gateway.auth import log_auth_mode
 from gateway.balancer import Balancer, Clock
+from gateway.cache import open_cache
+from gateway.coalesce import Coalescer
 from gateway.discovery import Discovery, Resolver, resolve_dns
 from gateway.drain import Drain
 from gateway.errors import EXCEPTION_HANDLERS
 from gateway.health import Prober
-from gateway.metrics import Metrics
+from gateway.metrics import CacheMetrics, Metrics
 from gateway.middleware import BodyLimitMiddleware, ObserveMiddleware, RequestIdMiddleware
 from gateway.openapi import openapi_json
 from gateway.pipeline import Pipeline
 from gateway.protocols import open_worker_session
 from gateway.ratelimit import KeyLimits, open_rate_limiter, redis_url_for
-from gateway.registry import Registry, RegistryFile, Reloader, load_registry
+from gateway.registry import Registry, RegistryFile, Reloader, load_registry, with_redis_url
 from gateway.routes import ROUTES
 
 ENV_CONFIG = "GATEWAY_CONFIG"
 ENV_DRAIN_GRACE_S = "GATEWAY_DRAIN_GRACE_S"
 ENV_RELOAD_EVERY_S = "GATEWAY_RELOAD_EVERY_S"
+ENV_REDIS_URL = "GATEWAY_REDIS_URL"  # wins over the file's cache url: secrets come by env
 
 
 def create_app(
@@ -50,19 +53,29 @@ def create_app(
     `resolver` and `clock`: DNS discovery and health timing (fakes in tests)."""
     metrics = metrics or Metrics()
     drain = drain or Drain(grace_s=0.0)
+    cache_spec = with_redis_url(registry.cache, os.environ.get(ENV_REDIS_URL), source=ENV_REDIS_URL)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # The cache's store is chosen once per process, from the registry it started
+        # with: a reload that changes the cache section applies at the next restart.
+        cache_observer = CacheMetrics(metrics)
         async with (
             open_worker_session(registry) as session,
             open_rate_limiter(redis_url_for(registry)) as rate_limiter,
+            open_cache(cache_spec, observer=cache_observer) as cache,
         ):
             balancer = Balancer(registry, clock=clock)
             discovery = Discovery(balancer=balancer, resolver=resolver, clock=clock)
             await discovery.refresh_due()  # DNS pools start with their workers, if any
             prober = Prober(balancer=balancer, session=session, clock=clock)
             pipeline = Pipeline(
-                registry=registry, balancer=balancer, session=session, metrics=metrics
+                registry=registry,
+                balancer=balancer,
+                session=session,
+                metrics=metrics,
+                cache=cache,
+                coalescer=Coalescer(cache=cache),
             )
             reloader = _reloader(source, pipeline, metrics)
             app.state.pipeline, app.state.reloader = pipeline, reloader

@@ -29,7 +29,7 @@ from gateway.auth import hash_key, new_key
 from gateway.errors import ConfigError
 from gateway.logs import log_config
 from gateway.metrics import MULTIPROC_ENV
-from gateway.registry import LimitsSpec, Registry, load_registry
+from gateway.registry import CacheSpec, LimitsSpec, Registry, load_registry, redacted
 from gateway.server import SERVED_PROTOCOL, bound_head_size, bounded_protocol
 from gateway.simworker import SimConfig, create_sim_app, spawn, stop, wait_healthy
 
@@ -244,7 +244,19 @@ def routing_table(registry: Registry) -> str:
         if (d := pool.discover) is not None:
             where = f"{d.scheme}://{d.dns}:{d.port}"
             lines.append(f"    every A/AAAA record of {where}, every {d.every_s:g}s")
+    lines.append(cache_line(registry.cache))
     return "\n".join(lines)
+
+
+def cache_line(spec: CacheSpec) -> str:
+    """Where results are cached, without the URL's password."""
+    if not spec.enabled:
+        return "cache: off"
+    if spec.url is None:
+        store = f"in-process memory, at most {spec.memory_max_bytes / 2**20:g} MiB"
+    else:
+        store = f"{'Redis Cluster' if spec.cluster else 'Redis'} {redacted(spec.url)}"
+    return f"cache: {store}; namespace {spec.namespace}, ttl {spec.ttl_s:g} s"
 
 
 def sim_worker(args: argparse.Namespace) -> int:

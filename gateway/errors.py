@@ -2,6 +2,8 @@
 
     GatewayError                       every error the gateway raises on purpose
     ├── ConfigError                    adapters.yaml refused (never reaches a client)
+    ├── CacheUnavailable               the cache store failed or timed out (never
+    │                                  reaches a client: the cache fails open)
     └── RequestError                   ends a client's request; carries status + detail
         ├── Unauthorized       401     no API key, or one the registry does not know
         ├── Forbidden          403     the key may not use this adapter (or route)
@@ -23,7 +25,7 @@
 
 Which of these are retried, and where, is `gateway.balancer.retry_cause`.
 
-Foreign exceptions (aiohttp, pydantic, OSError) are translated where they are caught,
+Foreign exceptions (aiohttp, redis, pydantic, OSError) are translated where they are caught,
 with `raise ... from exc`; `error_response` is the single table from error to HTTP.
 Messages name adapters, pools, workers and API keys by name, never worker addresses,
 key material or credentials.
@@ -46,6 +48,11 @@ class GatewayError(Exception):
 
 class ConfigError(GatewayError):
     """The registry file was refused; the message names the file, line and key."""
+
+
+class CacheUnavailable(GatewayError):
+    """A cache call failed, timed out or was refused by the store. `gateway.cache`
+    counts it and carries on as a miss; it is never turned into a response."""
 
 
 class RequestError(GatewayError):

@@ -165,6 +165,18 @@ class Metrics:
             buckets=CACHE_BUCKETS,
             registry=r,
         )
+        self.cache_stores = Counter(
+            "gateway_cache_stores",
+            "Cache writes by result: stored, too_big (over max_entry_bytes), bypass, error.",
+            ["result"],
+            registry=r,
+        )
+        self.cache_errors = Counter(
+            "gateway_cache_errors",
+            "Failed calls to the cache store (down, slow or full), by operation.",
+            ["op"],
+            registry=r,
+        )
         self.coalesced = Counter(
             "gateway_coalesced_requests",
             "Requests served by another identical request's generation.",
@@ -264,3 +276,27 @@ class Metrics:
         merged = CollectorRegistry()
         multiprocess.MultiProcessCollector(merged, path=path)  # type: ignore[no-untyped-call]
         return generate_latest(merged)
+
+
+class CacheMetrics:
+    """The result cache's observer (`gateway.cache.CacheObserver`) as Prometheus series.
+    The cache calls it where things happen; nothing here imports the cache."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._m = metrics
+
+    def lookup(self, result: str, seconds: float) -> None:
+        self._m.cache_requests.labels(result).inc()
+        if result != "bypass":  # a bypass asked nothing of the store: no time to show
+            self._m.cache_duration.labels("get").observe(seconds)
+
+    def store(self, result: str, seconds: float) -> None:
+        self._m.cache_stores.labels(result).inc()
+        if result in ("stored", "error"):
+            self._m.cache_duration.labels("set").observe(seconds)
+
+    def error(self, op: str) -> None:
+        self._m.cache_errors.labels(op).inc()
+
+    def coalesced(self, scope: str) -> None:
+        self._m.coalesced.labels(scope).inc()

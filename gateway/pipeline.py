@@ -1,27 +1,33 @@
 """The flow of one generation, step by step, as design.md lists it:
 
-validate body -> resolve adapter -> (cache key -> lookup -> coalesce) ->
+validate body -> resolve adapter -> cache key -> cache lookup -> coalesce ->
 admit into the pool -> pick a worker -> forward (retry another worker) ->
-(store in cache) -> respond.
+store in cache -> respond.
 
 Each step is one neighbour's job; this module only puts them in order.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 
 import aiohttp
 
 from gateway.auth import authorize
 from gateway.balancer import Balancer, Pool, Worker
+from gateway.cache import CachePolicy, ResultCache
+from gateway.coalesce import Coalescer, Produced
 from gateway.errors import UpstreamError, UpstreamRejected
 from gateway.metrics import Metrics, Trace
 from gateway.protocols import protocol_for
-from gateway.registry import KeySpec, Registry
+from gateway.registry import AdapterSpec, KeySpec, Registry
 from gateway.schema import ImageGenerationBody, WorkerRequest
+
+log = logging.getLogger("gateway.pipeline")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,14 +47,20 @@ class Pipeline:
         balancer: Balancer,
         session: aiohttp.ClientSession,
         metrics: Metrics | None = None,
+        cache: ResultCache,
+        coalescer: Coalescer,
     ) -> None:
         self.registry = registry  # replaced whole on reload; each request reads it once
         self.balancer = balancer
         self.session = session
         self.metrics = metrics or Metrics()
+        self.cache = cache
+        self.coalescer = coalescer
 
     def use_registry(self, registry: Registry) -> None:
         """A reload: requests in flight finish on the registry they started with."""
+        if registry.cache != self.registry.cache:
+            log.warning("the cache section changed: it applies at the next restart")
         self.balancer.update(registry)
         self.registry = registry
 
@@ -59,9 +71,11 @@ class Pipeline:
         request_id: str,
         key: KeySpec | None = None,
         trace: Trace | None = None,
+        cache_policy: CachePolicy = CachePolicy.USE,
     ) -> Generation:
         """`key`: the caller's API key (None: auth is off); `trace` collects what
-        happened, for the access log and metrics."""
+        happened, for the access log and metrics; `cache_policy`: the client's
+        Cache-Control."""
         trace = trace or Trace()
         registry = self.registry
         adapter = registry.resolve(body.model)
@@ -69,19 +83,51 @@ class Pipeline:
         authorize(key, adapter.name)
         if registry.log_prompts:
             trace.prompt = body.prompt
+        # The seed is decided here (a random one when the client gave none): the worker
+        # draws with it, the cache files the image under it and X-Seed returns it.
         job = WorkerRequest.from_body(body, upstream_model=adapter.upstream_model)
         trace.seed = job.seed
+        policy = self.cache.policy(cache_policy)
+        cache_key = self.cache.key(adapter, job)
+        found = await self.cache.lookup(cache_key, policy)
+        trace.cache = found.status
+        if found.body is not None:
+            return Generation(found.body, job.seed, adapter.name, found.status, "")
+        headers = {"X-Request-ID": request_id}
+        produce = partial(self._generate, adapter, job, cache_key, policy, headers, trace)
+        started = time.perf_counter()
+        try:
+            made = await self.coalescer.run(cache_key, produce, policy=policy)
+        finally:
+            if not (trace.upstream_s or trace.queue_s):
+                # It waited on another request's generation (or another replica's): that
+                # wait is upstream time, none of it the gateway's own.
+                trace.upstream_s = time.perf_counter() - started
+        trace.worker = made.worker
+        return Generation(made.body, job.seed, adapter.name, found.status, made.worker)
+
+    async def _generate(
+        self,
+        adapter: AdapterSpec,
+        job: WorkerRequest,
+        key: str,
+        policy: CachePolicy,
+        headers: Mapping[str, str],
+        trace: Trace,
+    ) -> Produced:
+        """One generation, shared by every request coalesced onto it: forward, store.
+        Its queue and worker times go to the trace of the request that started it."""
         pool = self.balancer.pool(adapter.pool)
         # Only these reach a worker: the pool's own credentials and the request id;
         # nothing of the client's headers (its Authorization least of all).
-        headers = {**pool.spec.headers, "X-Request-ID": request_id}
+        headers = {**pool.spec.headers, **headers}
         try:
             image, worker = await self._forward(pool, job, headers, trace)
         except (UpstreamError, UpstreamRejected) as exc:
             exc.detail = f"adapter {adapter.name!r}: {exc.detail}"
             raise
-        trace.worker, trace.cache = worker.name, "bypass"
-        return Generation(image, job.seed, adapter.name, "bypass", worker.name)
+        await self.cache.store(key, image, policy)
+        return Produced(image, worker.name)
 
     async def _forward(
         self, pool: Pool, job: WorkerRequest, headers: Mapping[str, str], trace: Trace

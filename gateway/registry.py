@@ -27,7 +27,15 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
 from pydantic.functional_validators import AfterValidator
 
 from gateway.errors import ConfigError, UnknownModel
@@ -108,9 +116,23 @@ HeaderValue = Annotated[str, AfterValidator(_expand_env), AfterValidator(_header
 
 
 def _redis_url(url: str) -> str:
-    if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
-        raise ValueError("redis_url must start with redis://, rediss:// or unix://")
+    # The messages never repeat the URL: it may carry a password.
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("a Redis url must start with redis://, rediss:// or unix://")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ValueError("a Redis url has no host")
     return url
+
+
+def redacted(url: str) -> str:
+    """`url` without its password, for logs and `gateway check`."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:***@" if parts.username else "***@"
+    return parts._replace(netloc=user + netloc).geturl()
 
 
 class _Frozen(BaseModel):
@@ -272,9 +294,43 @@ class AuthSpec(_Frozen):
         return self.by_hash.get(digest)
 
 
+Millis = Annotated[float, Field(gt=0, le=60_000)]
+
+
+class CacheSpec(_Frozen):
+    """The result cache: Redis when `url` is set (or GATEWAY_REDIS_URL), else a bounded
+    in-process LRU. Every Redis call is cut off at `connect_timeout_ms` + `timeout_ms`;
+    `failure_threshold` failures in a row bypass the cache for `cooldown_s`."""
+
+    enabled: bool = True
+    url: Annotated[str, AfterValidator(_redis_url)] | None = Field(None, repr=False)  # a secret
+    cluster: bool = False  # Redis Cluster, through redis-py's RedisCluster
+    namespace: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")] = (
+        "gateway"
+    )
+    ttl_s: Annotated[float, Field(ge=0.01, le=365 * 86400)] = 86400.0
+    max_entry_bytes: Annotated[int, Field(ge=1)] = 8 * 2**20
+    memory_max_bytes: Annotated[int, Field(ge=0)] = 256 * 2**20  # the in-process LRU's bound
+    timeout_ms: Millis = 50.0
+    connect_timeout_ms: Millis = 50.0
+    failure_threshold: Annotated[int, Field(ge=1, le=1000)] = 3
+    cooldown_s: Annotated[float, Field(gt=0, le=3600)] = 5.0
+    # Coalescing across replicas: the first to miss holds `lock_ttl_ms` (renewed while
+    # it generates; a crashed holder's lock lapses), the others wait at most `lock_wait_s`.
+    lock_ttl_ms: Annotated[int, Field(ge=100, le=600_000)] = 5000
+    lock_wait_s: Annotated[float, Field(ge=0, le=3600)] = 30.0
+
+    @model_validator(mode="after")
+    def _cluster_over_tcp(self) -> CacheSpec:
+        if self.cluster and self.url is not None and self.url.startswith("unix:"):
+            raise ValueError("cluster: true needs a redis:// or rediss:// url")
+        return self
+
+
 class Registry(_Frozen):
     pools: Mapping[Name, PoolSpec]
     adapters: Annotated[tuple[AdapterSpec, ...], Field(min_length=1)]
+    cache: CacheSpec = CacheSpec()
     log_prompts: bool = False  # prompts in the access log: off, they may be private
     limits: LimitsSpec = LimitsSpec()
     auth: AuthSpec | None = None  # None: the gateway is open to every caller
@@ -302,6 +358,16 @@ class Registry(_Frozen):
 
     def pool_of(self, adapter: AdapterSpec) -> PoolSpec:
         return self.pools[adapter.pool]
+
+
+def with_redis_url(spec: CacheSpec, url: str | None, *, source: str) -> CacheSpec:
+    """`spec` with its url replaced by `url` (GATEWAY_REDIS_URL), validated the same way."""
+    if not url:
+        return spec
+    try:
+        return CacheSpec.model_validate({**spec.model_dump(), "url": url})
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {exc.errors(include_url=False)[0]['msg']}") from exc
 
 
 def load_registry(path: str | Path, *, env: Mapping[str, str] | None = None) -> Registry:

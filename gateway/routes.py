@@ -18,6 +18,7 @@ from starlette.routing import Route
 from starlette.types import Receive
 
 from gateway.auth import authenticate, require_key
+from gateway.cache import policy_from_cache_control
 from gateway.errors import ConfigError, ReloadRefused, UnsupportedMediaType, ValidationFailed
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.pipeline import Pipeline
@@ -40,10 +41,15 @@ async def _generate(request: Request, pipeline: Pipeline, key: KeySpec | None) -
     max_chars = pipeline.registry.limits.max_prompt_chars
     body = await _parse_body(request, max_prompt_chars=max_chars)
     state = request.state
+    policy = policy_from_cache_control(request.headers.get("cache-control"))
     try:
         async with _while_connected(request):
             result = await pipeline.generate(
-                body, request_id=state.request_id, key=key, trace=state.trace
+                body,
+                request_id=state.request_id,
+                key=key,
+                trace=state.trace,
+                cache_policy=policy,
             )
     except ClientDisconnect:
         return Response(status_code=499)  # nginx's "client closed request"; nobody reads it

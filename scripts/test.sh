@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v prometheus >/dev/null || missing+=(prometheus)  # also gives promtool
+command -v openssl >/dev/null || missing+=(openssl)  # a certificate for the rediss:// test
 if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
 ensure_venv "[dev]"
 .venv/bin/ruff check .

@@ -1,4 +1,5 @@
-"""Real servers on loopback for tests: sim workers, a scripted worker, the gateway.
+"""Real servers on loopback for tests: sim workers, a scripted worker, the gateway,
+redis-server (plain, TLS or a one-node cluster) and a socket that never answers.
 
 Every server here listens on 127.0.0.1 on a free port and is stopped by its owner.
 """
@@ -10,8 +11,10 @@ import contextlib
 import json
 import random
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -30,13 +33,15 @@ from starlette.applications import Starlette
 from gateway.app import create_app
 from gateway.auth import hash_key
 from gateway.balancer import Balancer, Clock, Pool
+from gateway.cache import MemoryCache, ResultCache
 from gateway.cli import _fast, free_port
+from gateway.coalesce import Coalescer
 from gateway.discovery import FakeResolver, Resolver
 from gateway.errors import UpstreamError
 from gateway.health import Prober
 from gateway.pipeline import Pipeline
 from gateway.protocols import open_worker_session
-from gateway.registry import Registry, parse_registry
+from gateway.registry import CacheSpec, Registry, parse_registry
 from gateway.schema import ImageGenerationBody
 from gateway.simworker import spawn, stop, wait_healthy
 
@@ -68,15 +73,21 @@ def sim_workers(*option_lists: Sequence[str]) -> Iterator[list[SimWorker]]:
             stop(worker.proc)
 
 
+def generations(workers: Sequence[SimWorker]) -> int:
+    """Images drawn so far by these sim workers, all together."""
+    return sum(int(worker.stats()["generations"]) for worker in workers)
+
+
 def registry_yaml(
     pools: Mapping[str, Sequence[str | dict[str, Any]]],
     adapters: Sequence[dict[str, Any]] | None = None,
     *,
     sections: Mapping[str, Any] | None = None,
+    cache: dict[str, Any] | None = None,
     **pool_options: Any,
 ) -> str:
     """adapters.yaml text: each pool's workers by URL (or full dict), same options each;
-    `sections` adds top-level sections (`auth`, `limits`)."""
+    `sections` adds top-level sections (`auth`, `limits`), `cache` the `cache:` one."""
     data: dict[str, Any] = {
         "pools": {
             name: {
@@ -90,6 +101,8 @@ def registry_yaml(
         else [{"name": name, "pool": name, "default": i == 0} for i, name in enumerate(pools)],
         **(sections or {}),
     }
+    if cache is not None:
+        data["cache"] = cache
     return yaml.safe_dump(data, sort_keys=False)
 
 
@@ -98,10 +111,11 @@ def make_registry(
     adapters: Sequence[dict[str, Any]] | None = None,
     *,
     sections: Mapping[str, Any] | None = None,
+    cache: dict[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
     **pool_options: Any,
 ) -> Registry:
-    text = registry_yaml(pools, adapters, sections=sections, **pool_options)
+    text = registry_yaml(pools, adapters, sections=sections, cache=cache, **pool_options)
     return parse_registry(text, env=env)
 
 
@@ -190,7 +204,15 @@ async def local_pipeline(
     `clock` and a real worker session; probes run when the test says."""
     async with open_worker_session(registry) as session:
         balancer = Balancer(registry, clock=clock, rng=random.Random(1))
-        pipeline = Pipeline(registry=registry, balancer=balancer, session=session)
+        # The cache off: each generate() here is meant to reach the balancer.
+        cache = ResultCache(backend=MemoryCache(max_bytes=0), spec=CacheSpec(enabled=False))
+        pipeline = Pipeline(
+            registry=registry,
+            balancer=balancer,
+            session=session,
+            cache=cache,
+            coalescer=Coalescer(cache=cache),
+        )
         yield pipeline, Prober(balancer=balancer, session=session, clock=clock)
 
 
@@ -398,6 +420,159 @@ def gateway_child(
         stop(proc)
 
 
+def redis_cache(url: str, **options: Any) -> dict[str, Any]:
+    """A `cache:` section on `url` for tests that are not about timeouts: patient Redis
+    calls, so that a loaded CI machine (a TLS handshake on two busy cores can take more
+    than the default 50 ms) is not read as a failing Redis. The fail-open tests set
+    their own short timeouts."""
+    return {"url": url, "timeout_ms": 2000, "connect_timeout_ms": 2000, **options}
+
+
+REDIS_MISSING = "redis-server not found: install redis-server (apt-get install -y redis-server)"
+OPENSSL_MISSING = "openssl not found: install openssl (apt-get install -y openssl)"
+
+
+@dataclass
+class RedisServer:
+    """A real redis-server on 127.0.0.1, no persistence; kill() and start() again on the
+    same port to play an outage."""
+
+    port: int
+    options: Sequence[str]
+    workdir: Path
+    url: str
+    proc: subprocess.Popen[bytes] | None = None
+    client_options: dict[str, Any] = field(default_factory=dict)
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail(REDIS_MISSING, pytrace=False)  # never a skip: the proof needs it
+        persistence = ["--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
+        log = ["--logfile", str(self.workdir / "redis.log")]
+        cmd = [binary, "--bind", "127.0.0.1", *persistence, *log, *self.options]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        self._wait_ready()
+
+    def _wait_ready(self, timeout_s: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited: {self.log_tail()}")
+            try:
+                with self.client() as client:
+                    client.ping()
+                    return
+            except redis.RedisError:
+                time.sleep(0.02)
+        raise TimeoutError(f"redis-server not answering after {timeout_s}s: {self.log_tail()}")
+
+    def log_tail(self) -> str:
+        path = self.workdir / "redis.log"
+        return path.read_text()[-2000:] if path.exists() else "(no log)"
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, not a shutdown; with no persistence every key is gone."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    @contextmanager
+    def client(self) -> Iterator[redis.Redis]:
+        """A blocking client for the test's own looks at the server."""
+        client = redis.Redis(
+            host="127.0.0.1", port=self.port, socket_timeout=5, **self.client_options
+        )
+        try:
+            yield client
+        finally:
+            client.close()
+
+    def info(self, section: str) -> dict[str, Any]:
+        with self.client() as client:
+            data: dict[str, Any] = client.info(section)
+            return data
+
+
+@contextmanager
+def redis_server(*options: str, tls: bool = False, cluster: bool = False) -> Iterator[RedisServer]:
+    """redis-server on a free loopback port, stopped at exit. `tls`: rediss:// with a
+    fresh self-signed certificate; `cluster`: a one-node Redis Cluster owning every slot."""
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="redis-") as tmp:
+        workdir = Path(tmp)
+        server = RedisServer(
+            port, ["--port", str(port), *options], workdir, f"redis://127.0.0.1:{port}"
+        )
+        if tls:
+            _serve_tls(server)
+        if cluster:
+            # The cluster bus needs a port too: a free one, not the default port + 10000.
+            bus = ["--cluster-port", str(free_port())]
+            conf = ["--cluster-config-file", str(workdir / "nodes.conf")]
+            server.options = [*server.options, "--cluster-enabled", "yes", *conf, *bus]
+        try:
+            server.start()
+            if cluster:
+                _own_every_slot(server)
+            yield server
+        finally:
+            server.kill()
+
+
+def _serve_tls(server: RedisServer) -> None:
+    cert, key = server.workdir / "cert.pem", server.workdir / "key.pem"
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.fail(OPENSSL_MISSING, pytrace=False)
+    subject = ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+    keys = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    files = ["-keyout", str(key), "-out", str(cert), "-days", "1"]
+    subprocess.run(
+        [openssl, "req", "-x509", *keys, *subject, *files], check=True, capture_output=True
+    )
+    tls = [
+        "--tls-cert-file",
+        str(cert),
+        "--tls-key-file",
+        str(key),
+        "--tls-ca-cert-file",
+        str(cert),
+    ]
+    server.options = [
+        "--port",
+        "0",
+        "--tls-port",
+        str(server.port),
+        *tls,
+        "--tls-auth-clients",
+        "no",
+    ]
+    server.url = f"rediss://127.0.0.1:{server.port}/0?ssl_ca_certs={cert}"
+    server.client_options = {"ssl": True, "ssl_ca_certs": str(cert)}
+
+
+def _own_every_slot(server: RedisServer, timeout_s: float = 10.0) -> None:
+    with server.client() as client:
+        client.cluster("ADDSLOTS", *range(16384))
+        deadline = time.monotonic() + timeout_s
+        while client.cluster("info")["cluster_state"] != "ok":
+            if time.monotonic() > deadline:
+                raise TimeoutError("one-node Redis Cluster did not come up")
+            time.sleep(0.02)
+
+
+@contextmanager
+def blackhole() -> Iterator[str]:
+    """A redis:// URL whose port accepts connections and never answers a byte: the
+    kernel completes the handshake from the listen backlog, and nobody ever reads."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(512)
+        yield f"redis://127.0.0.1:{sock.getsockname()[1]}"
+
+
 PROMETHEUS_INSTALL = "install prometheus (apt-get install -y prometheus)"
 
 
@@ -446,41 +621,6 @@ async def served_gateway(registry: Registry) -> AsyncIterator[str]:
     """`gateway_server`'s URL alone."""
     async with gateway_server(registry) as (url, _):
         yield url
-
-
-@contextmanager
-def redis_server(port: int | None = None) -> Iterator[str]:
-    """A real redis-server on a loopback port (a free one unless given), no persistence;
-    yields its URL."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("install redis-server (apt-get install -y redis-server)")
-    port = port or free_port()
-    args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    proc = subprocess.Popen([binary, *args], stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        _wait_redis(url, proc)
-        yield url
-    finally:
-        stop(proc)
-
-
-def _wait_redis(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
-    client = redis.Redis.from_url(url, socket_connect_timeout=0.5)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with code {proc.returncode}")
-            try:
-                if client.ping():
-                    return
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise TimeoutError(f"{url}: redis-server not answering after {timeout_s}s")
-    finally:
-        client.close()
 
 
 async def raw_exchange(url: str, request: bytes, *, timeout_s: float = 5.0) -> bytes:

@@ -46,7 +46,7 @@ async def test_one_json_line_per_request_without_the_prompt(
     (line,) = access_lines(caplog)
     assert line["request_id"] == "req-42"
     assert line["status"] == 200
-    assert (line["adapter"], line["pool"], line["seed"], line["cache"]) == ("p", "p", 11, "bypass")
+    assert (line["adapter"], line["pool"], line["seed"], line["cache"]) == ("p", "p", 11, "miss")
     assert str(line["worker"]).startswith("p-")
     assert float(str(line["duration_ms"])) >= float(str(line["upstream_ms"])) > 0
     assert "secret" not in json.dumps(line)

@@ -47,8 +47,8 @@ class FakeClock:
 
 @pytest.fixture
 def redis_url() -> Iterator[str]:
-    with redis_server() as url:
-        yield url
+    with redis_server() as server:
+        yield server.url
 
 
 def test_memory_gcra_admits_the_burst_then_one_per_interval() -> None:
@@ -85,19 +85,20 @@ async def test_redis_down_falls_back_to_the_process_and_says_so_once(
 ) -> None:
     caplog.set_level(logging.INFO, logger="gateway.ratelimit")
     clock = FakeClock()
-    port = free_port()
-    client = Redis.from_url(f"redis://127.0.0.1:{port}", socket_connect_timeout=0.25)
-    limiter = RedisRateLimiter(client, fallback=MemoryRateLimiter(clock=clock), clock=clock)
-    rate = RateSpec(per_s=0.01, burst=3)
-    try:
-        waits = [await limiter.wait_s("k", rate) for _ in range(5)]
-        clock.now += 10  # past the retry pause: Redis is tried again, still down
-        waits.append(await limiter.wait_s("k2", rate))
-        with redis_server(port):
+    with redis_server() as server:
+        server.kill()  # down from the start; started again on its port below
+        client = Redis.from_url(server.url, socket_connect_timeout=0.25)
+        limiter = RedisRateLimiter(client, fallback=MemoryRateLimiter(clock=clock), clock=clock)
+        rate = RateSpec(per_s=0.01, burst=3)
+        try:
+            waits = [await limiter.wait_s("k", rate) for _ in range(5)]
+            clock.now += 10  # past the retry pause: Redis is tried again, still down
+            waits.append(await limiter.wait_s("k2", rate))
+            server.start()
             clock.now += 10
             back = await limiter.wait_s("k", rate)
-    finally:
-        await client.aclose()
+        finally:
+            await client.aclose()
     assert [w == 0 for w in waits] == [True, True, True, False, False, True]
     assert back == 0  # Redis has its own, fresh count
     messages = [r.getMessage() for r in caplog.records if r.name == "gateway.ratelimit"]
