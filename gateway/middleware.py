@@ -71,6 +71,10 @@ class ObserveMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if status >= 400 and scope["path"] == GENERATION_PATH:
+                    # X-Cache on every generation answer, errors too (a success sets its own).
+                    cache = (trace.cache or "bypass").encode()
+                    message["headers"] = [*message.get("headers", ()), (b"x-cache", cache)]
             await send(message)
 
         try:

@@ -64,6 +64,8 @@ async def test_worker_gets_upstream_model_and_known_fields_only() -> None:
     sent = {k.lower(): v for k, v in worker.headers[0].items()}
     assert "authorization" not in sent
     assert sent["x-request-id"] == "r-1"
+    # The worker's bytes are passed through undecoded, so it must not compress them.
+    assert sent["accept-encoding"] == "identity"
 
 
 async def test_base_model_sends_null_model() -> None:
@@ -117,6 +119,7 @@ async def test_worker_5xx_is_502_without_the_workers_body() -> None:
         resp = await client.post("/v1/images/generations", json=body())
     assert resp.status_code == 502
     assert resp.json() == {"detail": "adapter 'base': worker p-0: HTTP 500"}
+    assert resp.headers["x-cache"] == "miss"  # looked up, not found, then the worker failed
 
 
 async def test_worker_dropping_the_connection_is_502() -> None:

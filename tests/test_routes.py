@@ -127,6 +127,7 @@ async def test_unknown_model_is_404_listing_known_models(fast_sims: list[SimWork
         resp = await client.post("/v1/images/generations", json=body(model="sd15"))
     assert resp.status_code == 404
     assert resp.json() == {"detail": "unknown model 'sd15'; known models: pixel-art, sdxl-base"}
+    assert resp.headers["x-cache"] == "bypass"  # on errors too: the cache was not consulted
 
 
 async def test_unknown_route_and_method_are_json(fast_sims: list[SimWorker]) -> None:

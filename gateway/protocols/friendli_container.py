@@ -9,7 +9,9 @@ import aiohttp
 
 from gateway.errors import UpstreamRejected, UpstreamTimeout, WorkerFailed, WorkerUnreachable
 
-_JSON = {"Content-Type": "application/json"}
+# identity: the session does not decompress (the bytes go to the client as they came),
+# so a worker must not compress; aiohttp would otherwise offer gzip and deflate.
+_JSON = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
 _MAX_MESSAGE = 300
 
 
