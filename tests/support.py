@@ -41,7 +41,7 @@ from gateway.errors import UpstreamError
 from gateway.health import Prober
 from gateway.pipeline import Pipeline
 from gateway.protocols import open_worker_session
-from gateway.registry import CacheSpec, Registry, parse_registry
+from gateway.registry import CacheSpec, Registry, RegistryFile, load_registry, parse_registry
 from gateway.schema import ImageGenerationBody
 from gateway.simworker import spawn, stop, wait_healthy
 
@@ -157,6 +157,14 @@ async def gateway(
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
             yield Gateway(app, client)
+
+
+def gateway_from_file(
+    path: Path, text: str, **options: Any
+) -> contextlib.AbstractAsyncContextManager[Gateway]:
+    """`gateway()` serving `text`, written to `path` first and reloadable from there."""
+    path.write_text(text)
+    return gateway(load_registry(path), source=RegistryFile(path), **options)
 
 
 @asynccontextmanager

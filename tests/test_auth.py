@@ -17,13 +17,14 @@ from starlette.requests import Request
 
 from gateway.auth import authenticate, hash_key
 from gateway.cli import main
-from gateway.registry import Registry, RegistryFile, load_registry
+from gateway.registry import Registry
 from tests.support import (
     ScriptedWorker,
     api_key,
     bearer,
     body,
     gateway,
+    gateway_from_file,
     image_ok,
     make_registry,
     scripted_worker,
@@ -151,9 +152,8 @@ async def test_an_open_gateway_warns_once_at_start(caplog: pytest.LogCaptureFixt
 async def operator_client(registry: Registry, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     """The real /metrics and /admin/reload, the registry served from a file (so that a
     reload that gets past the key check answers 200 "unchanged")."""
-    path = tmp_path / "adapters.yaml"
-    path.write_text(yaml.safe_dump(registry.model_dump(mode="json", exclude={"digest"})))
-    async with gateway(load_registry(path), source=RegistryFile(path)) as gw:
+    text = yaml.safe_dump(registry.model_dump(mode="json", exclude={"digest"}))
+    async with gateway_from_file(tmp_path / "adapters.yaml", text) as gw:
         yield gw.client
 
 

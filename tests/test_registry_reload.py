@@ -13,7 +13,7 @@ import pytest
 from gateway.errors import ConfigError
 from gateway.metrics import Metrics
 from gateway.registry import Registry, RegistryFile, Reloader, load_registry
-from tests.support import SimWorker, body, gateway, gateway_child, registry_yaml
+from tests.support import SimWorker, body, gateway_child, gateway_from_file, registry_yaml
 
 
 def two_versions(sims: list[SimWorker]) -> tuple[str, str]:
@@ -54,9 +54,7 @@ async def test_admin_reload_under_load_drops_nothing(
 ) -> None:
     one, two = two_versions(fast_sims)
     path = tmp_path / "adapters.yaml"
-    path.write_text(one)
-    source = RegistryFile(path)
-    async with gateway(load_registry(path), source=source) as gw:
+    async with gateway_from_file(path, one) as gw:
         app, client = gw.app, gw.client
         kept = list(app.state.pipeline.balancer.pool("p").workers)
         stop = asyncio.Event()
@@ -89,8 +87,7 @@ async def test_admin_reload_refuses_a_bad_file_and_keeps_serving(
 ) -> None:
     one, _ = two_versions(fast_sims)
     path = tmp_path / "adapters.yaml"
-    path.write_text(one)
-    async with gateway(load_registry(path), source=RegistryFile(path)) as gw:
+    async with gateway_from_file(path, one) as gw:
         client = gw.client
         path.write_text(one.replace("pool: p", "pool: nowhere"))
         refused = await client.post("/admin/reload")
@@ -104,9 +101,7 @@ async def test_admin_reload_refuses_a_bad_file_and_keeps_serving(
 async def test_file_watcher_picks_up_a_change(tmp_path: Path, fast_sims: list[SimWorker]) -> None:
     one, two = two_versions(fast_sims)
     path = tmp_path / "adapters.yaml"
-    path.write_text(one)
-    source = RegistryFile(path)
-    async with gateway(load_registry(path), source=source, reload_every_s=0.05) as gw:
+    async with gateway_from_file(path, one, reload_every_s=0.05) as gw:
         client = gw.client
         path.write_text(two)
         for _ in range(100):
