@@ -224,7 +224,17 @@ async def test_logs_of_a_full_run_hold_no_key_hash_or_credential(
                 for _ in range(4):  # a worker failure each, then over the rate
                     r = await client.post(GEN, json=body(), headers=bearer(CLIENT_KEY))
                     statuses.append(r.status_code)
+                # Live reloads: a good one, then a refused one (a hash cut short), whose
+                # error is logged by the gateway itself.
+                admin = bearer(admin_key)
+                reloads = [(await client.post("/admin/reload", headers=admin)).status_code]
+                config.write_text(text.replace(hash_key(CLIENT_KEY), hash_key(CLIENT_KEY)[:-1]))
+                reloads.append((await client.post("/admin/reload", headers=admin)).status_code)
+                scraped = (await client.get("/metrics", headers=bearer(metrics_key))).text
     assert statuses == [401, 401, 401, 401, 403, 502, 502, 502, 429]
+    config.write_text(text)  # the good file again, for `gateway check` below
+    assert reloads == [200, 422]
+    assert 'gateway_registry_reloads_total{result="error"}' in scraped
     # What a reload would log: the registry's refusals, and `gateway check`'s table.
     refusals = [
         _refusal(text.replace(hash_key(CLIENT_KEY), hash_key(CLIENT_KEY)[:-1] + "Z")),
@@ -234,10 +244,12 @@ async def test_logs_of_a_full_run_hold_no_key_hash_or_credential(
     capsys.readouterr()
     assert main(["check", str(config)]) == 0
     logged = log.read_text() + capsys.readouterr().out
+    assert "registry reload refused" in logged
     assert "team-a" in logged  # the 403 line: keys appear by name
     assert "Redis unreachable" in logged
     for secret in secrets:
         assert secret not in logged
+        assert secret not in scraped  # nor in the metrics
         assert not any(secret in r for r in refusals)
 
 
