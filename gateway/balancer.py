@@ -433,9 +433,13 @@ class Pool:
     # -- the async layer ------------------------------------------------------------
 
     @contextmanager
-    def attempt(self, *, adapter: str | None) -> Iterator[Attempt]:
-        """One client request's stay in this pool (counted for the retry budget)."""
-        attempt = Attempt(self, adapter)
+    def attempt(
+        self, *, adapter: str | None, on_queued: Callable[[], None] | None = None
+    ) -> Iterator[Attempt]:
+        """One client request's stay in this pool (counted for the retry budget).
+        `on_queued` is called when a try has to wait for a slot (the front then
+        watches for the client going away, which it need not do otherwise)."""
+        attempt = Attempt(self, adapter, on_queued)
         self.active += 1
         try:
             yield attempt
@@ -501,9 +505,12 @@ class Attempt:
                     attempt.retry_or_raise(exc)
     """
 
-    def __init__(self, pool: Pool, adapter: str | None) -> None:
+    def __init__(
+        self, pool: Pool, adapter: str | None, on_queued: Callable[[], None] | None = None
+    ) -> None:
         self.pool = pool
         self.adapter = adapter
+        self.on_queued = on_queued
         self.deadline = pool.clock() + pool.spec.timeout_s
         self.tried: list[Worker] = []
         self.retries = 0
@@ -584,6 +591,8 @@ class Attempt:
         ticket = Ticket(self.adapter, notify, exclude=tuple(self.tried), retry=bool(self.tried))
         until = min(self.deadline, pool.clock() + pool.spec.queue_timeout_s)
         pool.submit(ticket)
+        if ticket.worker is None and ticket.error is None and self.on_queued is not None:
+            self.on_queued()
         try:
             while ticket.worker is None and ticket.error is None:
                 await self._wait(ticket, done, until)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 
@@ -72,10 +72,11 @@ class Pipeline:
         key: KeySpec | None = None,
         trace: Trace | None = None,
         cache_policy: CachePolicy = CachePolicy.USE,
+        on_queued: Callable[[], None] | None = None,
     ) -> Generation:
         """`key`: the caller's API key (None: auth is off); `trace` collects what
         happened, for the access log and metrics; `cache_policy`: the client's
-        Cache-Control."""
+        Cache-Control; `on_queued`: called if the generation must wait for a worker."""
         trace = trace or Trace()
         registry = self.registry
         adapter = registry.resolve(body.model)
@@ -94,7 +95,9 @@ class Pipeline:
         if found.body is not None:
             return Generation(found.body, job.seed, adapter.name, found.status, "")
         headers = {"X-Request-ID": request_id}
-        produce = partial(self._generate, adapter, job, cache_key, policy, headers, trace)
+        produce = partial(
+            self._generate, adapter, job, cache_key, policy, headers, trace, on_queued
+        )
         started = time.perf_counter()
         try:
             made = await self.coalescer.run(cache_key, produce, policy=policy)
@@ -114,6 +117,7 @@ class Pipeline:
         policy: CachePolicy,
         headers: Mapping[str, str],
         trace: Trace,
+        on_queued: Callable[[], None] | None,
     ) -> Produced:
         """One generation, shared by every request coalesced onto it: forward, store.
         Its queue and worker times go to the trace of the request that started it."""
@@ -122,7 +126,7 @@ class Pipeline:
         # nothing of the client's headers (its Authorization least of all).
         headers = {**pool.spec.headers, **headers}
         try:
-            image, worker = await self._forward(pool, job, headers, trace)
+            image, worker = await self._forward(pool, job, headers, trace, on_queued)
         except (UpstreamError, UpstreamRejected) as exc:
             exc.detail = f"adapter {adapter.name!r}: {exc.detail}"
             raise
@@ -130,12 +134,17 @@ class Pipeline:
         return Produced(image, worker.name)
 
     async def _forward(
-        self, pool: Pool, job: WorkerRequest, headers: Mapping[str, str], trace: Trace
+        self,
+        pool: Pool,
+        job: WorkerRequest,
+        headers: Mapping[str, str],
+        trace: Trace,
+        on_queued: Callable[[], None] | None = None,
     ) -> tuple[bytes, Worker]:
         """Admit into the pool, pick a worker, send; retry elsewhere as the pool allows."""
         protocol = protocol_for(pool.spec.protocol)
         payload = job.model_dump_json().encode()
-        with pool.attempt(adapter=job.model) as attempt:
+        with pool.attempt(adapter=job.model, on_queued=on_queued) as attempt:
             while True:
                 async with attempt.slot() as worker:
                     trace.queue_s += self.metrics.observe_queue_wait(pool.name, attempt.waited_s())
