@@ -80,7 +80,7 @@ def create_app(
             reloader = _reloader(source, pipeline, metrics)
             app.state.pipeline, app.state.reloader = pipeline, reloader
             app.state.key_limits = KeyLimits(rate=rate_limiter)
-            app.state.openapi = openapi_json(registry)
+            app.state.openapi = (registry.digest, openapi_json(registry))
             log_auth_mode(registry)
             metrics.set_registry(registry.digest)
             jobs = [prober.run(), discovery.run(), _sync_metrics(metrics, pipeline)]

@@ -18,6 +18,7 @@ from gateway.auth import authenticate, require_key
 from gateway.cache import policy_from_cache_control
 from gateway.errors import ConfigError, ReloadRefused, UnsupportedMediaType, ValidationFailed
 from gateway.metrics import CONTENT_TYPE, Metrics
+from gateway.openapi import openapi_json
 from gateway.pipeline import Pipeline
 from gateway.ratelimit import KeyLimits
 from gateway.registry import KeySpec, Reloader
@@ -133,7 +134,11 @@ async def list_models(request: Request) -> Response:
 
 
 async def openapi(request: Request) -> Response:
-    document: bytes = request.app.state.openapi
+    """Made once per registry: it shows the prompt limit and auth, which a reload moves."""
+    registry = request.app.state.pipeline.registry
+    digest, document = request.app.state.openapi
+    if digest != registry.digest:
+        digest, document = request.app.state.openapi = (registry.digest, openapi_json(registry))
     return Response(document, media_type="application/json")
 
 

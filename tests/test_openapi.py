@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 from gateway.openapi import openapi_document
 from gateway.schema import ImageGenerationBody
-from tests.support import api_key, gateway_client, make_registry
+from tests.support import api_key, gateway_client, gateway_from_file, make_registry, registry_yaml
 
 WORKERS = {"p": ["http://127.0.0.1:9"]}
 
@@ -44,3 +47,23 @@ async def test_served_at_openapi_json_without_a_key() -> None:
     assert resp.status_code == 200
     assert resp.headers["content-type"] == "application/json"
     assert resp.json() == openapi_document(registry)
+
+
+async def test_the_document_follows_a_reload(tmp_path: Path) -> None:
+    text = registry_yaml(
+        {"p": ["http://127.0.0.1:9"]}, sections={"limits": {"max_prompt_chars": 100}}
+    )
+    path = tmp_path / "adapters.yaml"
+    async with gateway_from_file(path, text) as gw:
+        before = (await gw.client.get("/openapi.json")).json()
+        path.write_text(text.replace("max_prompt_chars: 100", "max_prompt_chars: 200"))
+        assert (await gw.client.post("/admin/reload")).json()["status"] == "ok"
+        after = (await gw.client.get("/openapi.json")).json()
+    prompt = "components", "schemas", "ImageGenerationBody", "properties", "prompt"
+
+    def max_length(document: dict[str, Any]) -> Any:
+        for part in prompt:
+            document = document[part]
+        return document["maxLength"]
+
+    assert (max_length(before), max_length(after)) == (100, 200)
