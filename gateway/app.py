@@ -53,7 +53,8 @@ def create_app(
     `resolver` and `clock`: DNS discovery and health timing (fakes in tests)."""
     metrics = metrics or Metrics()
     drain = drain or Drain(grace_s=0.0)
-    cache_spec = with_redis_url(registry.cache, os.environ.get(ENV_REDIS_URL), source=ENV_REDIS_URL)
+    env_redis_url = os.environ.get(ENV_REDIS_URL)
+    cache_spec = with_redis_url(registry.cache, env_redis_url, source=ENV_REDIS_URL)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -62,7 +63,7 @@ def create_app(
         cache_observer = CacheMetrics(metrics)
         async with (
             open_worker_session(registry) as session,
-            open_rate_limiter(redis_url_for(registry)) as rate_limiter,
+            open_rate_limiter(redis_url_for(registry, env_redis_url)) as rate_limiter,
             open_cache(cache_spec, observer=cache_observer) as cache,
         ):
             balancer = Balancer(registry, clock=clock)

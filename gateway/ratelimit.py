@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -192,11 +191,11 @@ class Admission:
             self._limits._release_slot(self._key.name)
 
 
-def redis_url_for(registry: Registry) -> str | None:
-    """`auth.redis_url`, else GATEWAY_REDIS_URL; rate limits exist only with auth."""
+def redis_url_for(registry: Registry, env_url: str | None) -> str | None:
+    """`auth.redis_url`, else `env_url` (GATEWAY_REDIS_URL); limits exist only with auth."""
     if registry.auth is None:
         return None
-    return registry.auth.redis_url or os.environ.get("GATEWAY_REDIS_URL") or None
+    return registry.auth.redis_url or env_url or None
 
 
 @asynccontextmanager
