@@ -29,7 +29,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar, cast
-from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -38,7 +37,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.errors import CacheUnavailable
-from gateway.registry import AdapterSpec, CacheSpec, redacted
+from gateway.registry import AdapterSpec, CacheSpec, redis_where
 from gateway.schema import WorkerRequest
 
 logger = logging.getLogger("gateway.cache")
@@ -236,7 +235,7 @@ class RedisCache(CacheBackend):
         else:
             client = Redis.from_url(spec.url, **options)
         deadline_s = (spec.timeout_ms + spec.connect_timeout_ms) / 1000
-        return cls(client, deadline_s=deadline_s, where=_where(spec.url))
+        return cls(client, deadline_s=deadline_s, where=redis_where(spec.url))
 
     async def _run(self, call: Callable[[], Awaitable[T]]) -> T:
         try:
@@ -272,11 +271,6 @@ class RedisCache(CacheBackend):
 
     async def aclose(self) -> None:
         await self.client.aclose()
-
-
-def _where(url: str) -> str:
-    parts = urlsplit(redacted(url))
-    return parts.path if parts.scheme == "unix" else f"{parts.hostname}:{parts.port or 6379}"
 
 
 # ---------------------------------------------------------------------------- the front

@@ -20,7 +20,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Protocol
-from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -28,7 +27,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from gateway.errors import RateLimited
-from gateway.registry import KeySpec, RateSpec, Registry
+from gateway.registry import KeySpec, RateSpec, Registry, redis_where
 
 log = logging.getLogger("gateway.ratelimit")
 
@@ -215,9 +214,7 @@ async def open_rate_limiter(
         socket_connect_timeout=timeout_s,
         retry=Retry(NoBackoff(), 0),
     )
-    parts = urlsplit(redis_url)  # the log names the host or socket, never a password
-    where = parts.path if parts.scheme == "unix" else f"{parts.hostname}:{parts.port or 6379}"
-    log.info("rate limits shared through Redis at %s", where)
+    log.info("rate limits shared through Redis at %s", redis_where(redis_url))
     try:
         yield RedisRateLimiter(client, fallback=memory)
     finally:

@@ -134,6 +134,12 @@ def redacted(url: str) -> str:
     return parts._replace(netloc=user + netloc).geturl()
 
 
+def redis_where(url: str) -> str:
+    """Where a Redis URL points (host:port, or the socket path), for logs: no password."""
+    parts = urlsplit(redacted(url))
+    return parts.path if parts.scheme == "unix" else f"{parts.hostname}:{parts.port or 6379}"
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
