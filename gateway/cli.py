@@ -18,6 +18,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 import uvicorn
@@ -30,7 +31,12 @@ from gateway.errors import ConfigError
 from gateway.logs import log_config
 from gateway.metrics import MULTIPROC_ENV
 from gateway.registry import CacheSpec, LimitsSpec, Registry, load_registry, redacted
-from gateway.server import SERVED_PROTOCOL, bound_head_size, bounded_protocol
+from gateway.server import (
+    SERVED_PROTOCOL,
+    BoundedHttpToolsProtocol,
+    bound_head_size,
+    bounded_protocol,
+)
 from gateway.simworker import SimConfig, create_sim_app, spawn, stop, wait_healthy
 
 
@@ -147,17 +153,14 @@ def serve(args: argparse.Namespace) -> int:
             ENV_RELOAD_EVERY_S: str(args.reload_every_s),
         }
     )
-    config = uvicorn.Config(
+    config = _fast(
         "gateway.app:app_from_env",
         factory=True,
         host=args.host,
         port=args.port,
-        workers=args.workers,
-        log_config=log_config(args.log_level),
-        loop="uvloop",
+        log_level=args.log_level,
         http=SERVED_PROTOCOL,
-        access_log=False,
-        server_header=False,
+        workers=args.workers,
         timeout_graceful_shutdown=args.drain_timeout_s,
     )
     if args.workers == 1:
@@ -185,18 +188,21 @@ def _multiprocess_metrics(path: str | None) -> Iterator[None]:
 
 
 def _fast(
-    app: ASGIApp,
+    app: ASGIApp | str,
     *,
     log_level: str,
     host: str = "127.0.0.1",
     port: int = 0,
+    http: type[BoundedHttpToolsProtocol] | str | None = None,
     max_header_bytes: int = LimitsSpec().max_header_bytes,
     configure_logging: bool = True,
+    **options: Any,
 ) -> uvicorn.Config:
-    """uvloop + httptools and no access log: measured as what the hot path needs.
-    httptools bounded in head size (see server.py); no `Server` header, which would
-    only tell a scanner what to try. `configure_logging=False` leaves the process's
-    logging as it is (for a server inside a test run)."""
+    """Every server here: uvloop + httptools and no access log, measured as what the hot
+    path needs; httptools bounded in head size (see server.py: `http`, else a class
+    bounded at `max_header_bytes`); no `Server` header, which would only tell a scanner
+    what to try. `configure_logging=False` leaves the process's logging as it is (for a
+    server inside a test run); `options` go to uvicorn.Config as they are."""
     return uvicorn.Config(
         app,
         host=host,
@@ -204,9 +210,10 @@ def _fast(
         log_level=log_level,
         log_config=log_config(log_level) if configure_logging else None,
         loop="uvloop",
-        http=bounded_protocol(max_header_bytes),
+        http=http or bounded_protocol(max_header_bytes),
         access_log=False,
         server_header=False,
+        **options,
     )
 
 
