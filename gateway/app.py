@@ -156,7 +156,7 @@ async def _background(*jobs: Coroutine[Any, Any, None]) -> AsyncIterator[None]:
 
 
 def app_from_env() -> Starlette:
-    """The served app (`gateway serve`, each of `--workers N` processes), from the
+    """The served app (`gateway serve`, each of the `--processes N`), from the
     environment `serve` sets: GATEWAY_CONFIG, GATEWAY_DRAIN_GRACE_S, GATEWAY_RELOAD_EVERY_S."""
     path = os.environ.get(ENV_CONFIG, "adapters.yaml")
     metrics = Metrics()

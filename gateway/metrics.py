@@ -6,7 +6,7 @@ from the registry (a request whose `model` names no adapter counts under
 `adapter="unknown"`), status is the HTTP code, reason/result are fixed words.
 
 One `Metrics` per app, on its own `CollectorRegistry`, so tests can run many apps in
-one process. With several server processes (`gateway serve --workers N`) the values
+one process. With several server processes (`gateway serve --processes N`) the values
 live in prometheus-client's multiprocess files (PROMETHEUS_MULTIPROC_DIR, set and
 cleaned by `serve`) and `exposition()` aggregates every process.
 """
