@@ -146,7 +146,7 @@ def test_check_reads_the_registry_named_by_config(
     config = write_config(tmp_path, ["http://127.0.0.1:9"])
     assert main(["check", "--config", config]) == 0
     out, err = capsys.readouterr()
-    assert "sdxl-base (default) -> pool sdxl (friendli-container)" in out
+    assert "    http://127.0.0.1:9  max_concurrency=" in out  # this file, not ./adapters.yaml
     assert err == ""
 
 
@@ -156,7 +156,7 @@ def test_check_still_takes_the_file_as_an_argument_with_a_note(
     config = write_config(tmp_path, ["http://127.0.0.1:9"])
     assert main(["check", config]) == 0
     out, err = capsys.readouterr()
-    assert "sdxl-base (default) -> pool sdxl (friendli-container)" in out
+    assert "    http://127.0.0.1:9  max_concurrency=" in out  # this file, not ./adapters.yaml
     assert f"{CHECK_NOTE}, write `gateway check --config {config}`" in err
 
 
