@@ -21,14 +21,15 @@ from gateway.coalesce import Coalescer
 from gateway.discovery import Discovery, Resolver, resolve_dns
 from gateway.drain import Drain
 from gateway.errors import EXCEPTION_HANDLERS
-from gateway.health import Prober
 from gateway.metrics import CacheMetrics, Metrics
 from gateway.middleware import BodyLimitMiddleware, ObserveMiddleware, RequestIdMiddleware
 from gateway.openapi import openapi_json
 from gateway.pipeline import Pipeline
+from gateway.prober import Prober
 from gateway.protocols import open_worker_session
 from gateway.ratelimit import KeyLimits, open_rate_limiter, redis_url_for
-from gateway.registry import Registry, RegistryFile, Reloader, load_registry, with_redis_url
+from gateway.registry import Registry, load_registry, with_redis_url
+from gateway.reload import RegistryFile, Reloader
 from gateway.routes import ROUTES
 
 ENV_CONFIG = "GATEWAY_CONFIG"
@@ -62,7 +63,7 @@ def create_app(
         # with: a reload that changes the cache section applies at the next restart.
         cache_observer = CacheMetrics(metrics)
         async with (
-            open_worker_session(registry) as session,
+            open_worker_session(slots=registry.worker_slots) as session,
             open_rate_limiter(redis_url_for(registry, env_redis_url)) as rate_limiter,
             open_cache(cache_spec, observer=cache_observer) as cache,
         ):
@@ -155,7 +156,7 @@ async def _background(*jobs: Coroutine[Any, Any, None]) -> AsyncIterator[None]:
 
 
 def app_from_env() -> Starlette:
-    """The served app (`gateway serve`, each of `--workers N` processes), from the
+    """The served app (`gateway serve`, each of the `--processes N`), from the
     environment `serve` sets: GATEWAY_CONFIG, GATEWAY_DRAIN_GRACE_S, GATEWAY_RELOAD_EVERY_S."""
     path = os.environ.get(ENV_CONFIG, "adapters.yaml")
     metrics = Metrics()

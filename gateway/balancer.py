@@ -260,7 +260,7 @@ class Pool:
         self.dispatch()
 
     def probed(self, worker: Worker, ok: bool) -> None:
-        """An active probe's result (from `gateway.health.Prober`)."""
+        """An active probe's result (from `gateway.prober.Prober`)."""
         was = worker.in_service
         worker.health.probed(ok, self.clock())
         if worker.in_service != was:

@@ -39,6 +39,8 @@ from gateway.server import (
 )
 from gateway.simworker import SimConfig, create_sim_app, spawn, stop, wait_healthy
 
+DEFAULT_CONFIG = "adapters.yaml"
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
@@ -61,7 +63,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--log-level", default="info")
-    p.add_argument("--workers", type=int, default=1, help="server processes (metrics summed)")
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="server processes (metrics summed); the GPU workers are adapters.yaml's",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        dest="processes",
+        default=argparse.SUPPRESS,
+        action=_DeprecatedAlias,
+        instead="--processes: it counts server processes, not GPU workers",
+        help=argparse.SUPPRESS,
+    )
     p.add_argument(
         "--drain-grace-s",
         type=float,
@@ -75,11 +91,13 @@ def _parser() -> argparse.ArgumentParser:
         help="then: requests in flight get this long to finish (the hard cap)",
     )
     p.add_argument("--reload-every-s", type=float, default=2.0, help="registry file polling")
-    p.add_argument("--metrics-dir", default=None, help="multiprocess metrics (--workers > 1)")
+    p.add_argument("--metrics-dir", default=None, help="multiprocess metrics (--processes > 1)")
     p.set_defaults(run=serve)
 
     p = sub.add_parser("check", help="validate adapters.yaml and print the routing table")
-    p.add_argument("config", nargs="?", default="adapters.yaml")
+    _config_arg(p, default=None)
+    # The spelling before --config, kept working: `gateway check FILE`.
+    p.add_argument("legacy_config", nargs="?", metavar="FILE", help=argparse.SUPPRESS)
     p.set_defaults(run=check)
 
     p = sub.add_parser("demo", help="the gateway plus simulated workers on loopback")
@@ -137,13 +155,37 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="adapters.yaml", help="the adapter registry")
+def _config_arg(p: argparse.ArgumentParser, default: str | None = DEFAULT_CONFIG) -> None:
+    p.add_argument("--config", default=default, help=f"the adapter registry ({DEFAULT_CONFIG})")
+
+
+class _DeprecatedAlias(argparse.Action):
+    """An old spelling of an option: stores into the new one's `dest`, and says once
+    on stderr what to write instead."""
+
+    def __init__(
+        self, option_strings: Sequence[str], dest: str, *, instead: str, **kw: Any
+    ) -> None:
+        super().__init__(option_strings, dest, **kw)
+        self.instead = instead
+        self.warned = False
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        if not self.warned:
+            self.warned = True
+            print(f"note: {option_string} is deprecated, write {self.instead}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def serve(args: argparse.Namespace) -> int:
     """Each server process builds its app from the environment set here (app_from_env),
-    so one process and `--workers N` run the same code."""
+    so one process and `--processes N` run the same code."""
     registry = load_registry(args.config)  # a bad file stops us here, with line and key
     bound_head_size(registry.limits.max_header_bytes)  # read once, like the body limit
     os.environ.update(
@@ -160,10 +202,10 @@ def serve(args: argparse.Namespace) -> int:
         port=args.port,
         log_level=args.log_level,
         http=SERVED_PROTOCOL,
-        workers=args.workers,
+        workers=args.processes,
         timeout_graceful_shutdown=args.drain_timeout_s,
     )
-    if args.workers == 1:
+    if args.processes == 1:
         uvicorn.Server(config).run()
         return 0
     with _multiprocess_metrics(args.metrics_dir):
@@ -218,7 +260,16 @@ def _fast(
 
 
 def check(args: argparse.Namespace) -> int:
-    registry = load_registry(args.config)
+    if args.legacy_config is not None:
+        if args.config is not None:
+            print("error: give the registry once, with --config", file=sys.stderr)
+            return 2
+        print(
+            f"note: `gateway check FILE` is deprecated, write `gateway check --config "
+            f"{args.legacy_config}`",
+            file=sys.stderr,
+        )
+    registry = load_registry(args.config or args.legacy_config or DEFAULT_CONFIG)
     print(routing_table(registry))
     return 0
 

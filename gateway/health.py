@@ -7,8 +7,8 @@ Never more than `max_ejection_percent` of a pool is out at once: a worker that
 reaches the threshold while the cap is full stays in, marked UNKNOWN, and is probed.
 A 4xx is the client's input and counts as an answer; a 429 is "busy" and counts not.
 
-Active: `Prober` probes every worker that is not known good (ejected, down, new, or
-failing but kept in by the cap) on its protocol's health path every
+Active: `gateway.prober.Prober` probes every worker that is not known good (ejected,
+down, new, or failing but kept in by the cap) on its protocol's health path every
 `probe_interval_s`. A failed probe takes an UNKNOWN worker out (DOWN): that is how a
 pool whose workers are all dead ends with none in service, and /readyz says so.
 `healthy_threshold` good probes in a row bring a worker back (an ejected one only
@@ -21,22 +21,11 @@ once its ejection time is over).
 
 from __future__ import annotations
 
-import asyncio
 import enum
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-import aiohttp
-
-from gateway.protocols import protocol_for
 from gateway.registry import HealthSpec
-
-if TYPE_CHECKING:
-    from gateway.balancer import Balancer, Pool, Worker
-
-Clock = Callable[[], float]
 
 
 class State(enum.Enum):
@@ -108,50 +97,3 @@ def ejection_allowed(peers: Sequence[WorkerHealth], spec: HealthSpec) -> bool:
     out = sum(not peer.in_service for peer in peers)
     limit = min(len(peers) - 1, max(1, len(peers) * spec.max_ejection_percent // 100))
     return out < limit
-
-
-class Prober:
-    """Probes the workers that need it, pool by pool; the app's lifespan runs it."""
-
-    def __init__(
-        self, *, balancer: Balancer, session: aiohttp.ClientSession, clock: Clock = time.monotonic
-    ) -> None:
-        self.balancer = balancer
-        self.session = session
-        self.clock = clock
-
-    async def probe_due(self) -> int:
-        """Probe, concurrently, every worker whose probe is due; how many were probed."""
-        now = self.clock()
-        due = [
-            (pool, worker)
-            for pool in self.balancer.pools.values()
-            for worker in pool.workers
-            if worker.health.needs_probe and worker.health.next_probe_at <= now
-        ]
-        await asyncio.gather(*(self._probe(pool, worker) for pool, worker in due))
-        return len(due)
-
-    async def _probe(self, pool: Pool, worker: Worker) -> None:
-        spec = pool.spec.health
-        timeout = aiohttp.ClientTimeout(total=spec.probe_timeout_s)
-        protocol = protocol_for(pool.spec.protocol)
-        ok = await protocol.healthy(self.session, worker.url, timeout=timeout)
-        pool.probed(worker, ok)
-
-    async def run(self, *, tick_s: float = 0.5) -> None:
-        """Forever: probe what is due, then sleep until the next probe (at most tick_s,
-        so workers added by discovery or reload are probed soon)."""
-        while True:
-            await self.probe_due()
-            await asyncio.sleep(self._until_next(tick_s))
-
-    def _until_next(self, tick_s: float) -> float:
-        now = self.clock()
-        waits = [
-            worker.health.next_probe_at - now
-            for pool in self.balancer.pools.values()
-            for worker in pool.workers
-            if worker.health.needs_probe
-        ]
-        return max(0.01, min([tick_s, *waits]))  # never a busy loop on a due probe

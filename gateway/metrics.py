@@ -6,7 +6,7 @@ from the registry (a request whose `model` names no adapter counts under
 `adapter="unknown"`), status is the HTTP code, reason/result are fixed words.
 
 One `Metrics` per app, on its own `CollectorRegistry`, so tests can run many apps in
-one process. With several server processes (`gateway serve --workers N`) the values
+one process. With several server processes (`gateway serve --processes N`) the values
 live in prometheus-client's multiprocess files (PROMETHEUS_MULTIPROC_DIR, set and
 cleaned by `serve`) and `exposition()` aggregates every process.
 """
@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping, Sequence, Sized
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -28,8 +29,7 @@ from prometheus_client import (
     multiprocess,
 )
 
-if TYPE_CHECKING:  # the balancer imports nothing from here; only types go the other way
-    from gateway.balancer import Balancer
+if TYPE_CHECKING:
     from gateway.errors import UpstreamError
 
 UNKNOWN_ADAPTER = "unknown"
@@ -41,6 +41,50 @@ REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 
 # The gateway's own share of a request: tens of microseconds to a few milliseconds.
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 CACHE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+
+
+# What `Metrics.sync_balancer` reads of a `gateway.balancer.Balancer`, by shape: the
+# balancer imports nothing from here and nothing here imports the balancer, so neither
+# module drags the other (and all it imports) along.
+class WorkerCounts(Protocol):
+    @property
+    def ejections(self) -> int: ...
+    @property
+    def adapter_loads(self) -> int: ...
+
+
+class WorkerView(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def in_flight(self) -> int: ...
+    @property
+    def in_service(self) -> bool: ...
+    @property
+    def stats(self) -> WorkerCounts: ...
+
+
+class PoolCounts(Protocol):
+    @property
+    def rejected_full(self) -> int: ...
+    @property
+    def rejected_timeout(self) -> int: ...
+
+
+class PoolView(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def queue(self) -> Sized: ...
+    @property
+    def stats(self) -> PoolCounts: ...
+    @property
+    def workers(self) -> Sequence[WorkerView]: ...
+
+
+class BalancerView(Protocol):
+    @property
+    def pools(self) -> Mapping[str, PoolView]: ...
 
 
 @dataclass(slots=True)
@@ -222,7 +266,7 @@ class Metrics:
             self.upstream_errors.labels(pool, worker, error.reason).inc()
         return seconds
 
-    def sync_balancer(self, balancer: Balancer) -> None:
+    def sync_balancer(self, balancer: BalancerView) -> None:
         """Copy the balancer's live state into the metrics: gauges are set, counters move
         by what changed since the last sync. Called by the metrics task every second
         and by GET /metrics, so the hot path pays nothing for them."""

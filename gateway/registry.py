@@ -13,14 +13,11 @@ the file (a pool's worker credentials, a Redis password); they are expanded here
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
-import logging
 import math
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
@@ -38,10 +35,8 @@ from pydantic import (
 from pydantic.functional_validators import AfterValidator
 
 from gateway.errors import ConfigError, UnknownModel
-from gateway.metrics import Metrics
 
 Loc = tuple[str | int, ...]
-log = logging.getLogger("gateway.registry")
 
 
 def _worker_url(url: str) -> str:
@@ -365,6 +360,11 @@ class Registry(_Frozen):
     def pool_of(self, adapter: AdapterSpec) -> PoolSpec:
         return self.pools[adapter.pool]
 
+    @cached_property
+    def worker_slots(self) -> int:
+        """Generations every listed worker can run at once, summed over the pools."""
+        return sum(w.max_concurrency for pool in self.pools.values() for w in pool.workers)
+
 
 def with_redis_url(spec: CacheSpec, url: str | None, *, source: str) -> CacheSpec:
     """`spec` with its url replaced by `url` (GATEWAY_REDIS_URL), validated the same way."""
@@ -522,75 +522,3 @@ def _refuse_duplicate_keys(root: yaml.Node, source: str) -> None:
             stack.extend(value for _, value in reversed(node.value))  # in file order
         elif isinstance(node, yaml.SequenceNode):
             stack.extend(reversed(node.value))
-
-
-class RegistryFile:
-    """The file a registry is read from, and whether it changed since the last look."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._stamp = self._read_stamp()
-
-    def _read_stamp(self) -> tuple[int, int, int] | None:
-        try:
-            st = self.path.stat()
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino)  # ino: an editor's rename-over
-
-    def changed(self) -> bool:
-        stamp = self._read_stamp()
-        if stamp == self._stamp:
-            return False
-        self._stamp = stamp
-        return True
-
-    def load(self) -> Registry:
-        return load_registry(self.path)
-
-
-class Reloader:
-    """Re-reads the registry file; a valid one replaces the serving registry whole, an
-    invalid one is refused (logged and counted) and the old one keeps serving."""
-
-    def __init__(
-        self,
-        source: RegistryFile,
-        *,
-        current: Callable[[], Registry],
-        apply: Callable[[Registry], None],
-        metrics: Metrics,
-    ) -> None:
-        self.source = source
-        self.current = current
-        self.apply = apply
-        self.metrics = metrics
-
-    def reload(self) -> str:
-        """Says "ok" or "unchanged"; a refused file raises ConfigError."""
-        try:
-            new = self.source.load()
-        except ConfigError as exc:
-            self.metrics.reloads.labels("error").inc()
-            log.error("registry reload refused", extra={"fields": {"error": str(exc)}})
-            raise
-        if new.digest == self.current().digest:
-            self.metrics.reloads.labels("unchanged").inc()
-            return "unchanged"
-        self.apply(new)
-        self.metrics.reloads.labels("ok").inc()
-        self.metrics.set_registry(new.digest)
-        log.info("registry reloaded", extra={"fields": {"registry": new.digest}})
-        return "ok"
-
-    def reload_quietly(self) -> None:
-        """For SIGHUP and the file watcher: a refusal is logged and counted, no more."""
-        with contextlib.suppress(ConfigError):
-            self.reload()
-
-    async def watch(self, *, every_s: float) -> None:
-        """Poll the file's stamp (no busy loop, no inotify dependency)."""
-        while True:
-            await asyncio.sleep(every_s)
-            if self.source.changed():
-                self.reload_quietly()

@@ -21,7 +21,8 @@ from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.openapi import openapi_json
 from gateway.pipeline import Pipeline
 from gateway.ratelimit import KeyLimits
-from gateway.registry import KeySpec, Reloader
+from gateway.registry import KeySpec
+from gateway.reload import Reloader
 from gateway.schema import ImageGenerationBody, ModelCard, ModelList, error_list
 
 

@@ -38,10 +38,11 @@ from gateway.cli import _fast, free_port
 from gateway.coalesce import Coalescer
 from gateway.discovery import FakeResolver, Resolver
 from gateway.errors import UpstreamError
-from gateway.health import Prober
 from gateway.pipeline import Pipeline
+from gateway.prober import Prober
 from gateway.protocols import open_worker_session
-from gateway.registry import CacheSpec, Registry, RegistryFile, load_registry, parse_registry
+from gateway.registry import CacheSpec, Registry, load_registry, parse_registry
+from gateway.reload import RegistryFile
 from gateway.schema import ImageGenerationBody
 from gateway.simworker import spawn, stop, wait_healthy
 
@@ -210,7 +211,7 @@ async def local_pipeline(
 ) -> AsyncIterator[tuple[Pipeline, Prober]]:
     """The pipeline without the HTTP front (and no background tasks): a balancer on
     `clock` and a real worker session; probes run when the test says."""
-    async with open_worker_session(registry) as session:
+    async with open_worker_session(slots=registry.worker_slots) as session:
         balancer = Balancer(registry, clock=clock, rng=random.Random(1))
         # The cache off: each generate() here is meant to reach the balancer.
         cache = ResultCache(backend=MemoryCache(max_bytes=0), spec=CacheSpec(enabled=False))

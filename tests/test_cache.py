@@ -349,10 +349,10 @@ def test_check_prints_where_results_are_cached_without_the_password(
     path = tmp_path / "adapters.yaml"
     text = registry_yaml({"sdxl": ["http://127.0.0.1:9001"]})
     path.write_text(text + "cache: {url: 'rediss://:hunter2@cache:6380/0', ttl_s: 60}\n")
-    assert main(["check", str(path)]) == 0
+    assert main(["check", "--config", str(path)]) == 0
     out = capsys.readouterr().out
     assert "cache: Redis rediss://***@cache:6380/0; namespace gateway, ttl 60 s" in out
     assert "hunter2" not in out
     path.write_text(text)
-    assert main(["check", str(path)]) == 0
+    assert main(["check", "--config", str(path)]) == 0
     assert "cache: in-process memory, at most 256 MiB" in capsys.readouterr().out

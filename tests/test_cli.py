@@ -14,8 +14,11 @@ import httpx
 import pytest
 from PIL import Image
 
-from gateway.cli import main
+from gateway.cli import _parser, main
 from tests.support import SimWorker, body, gateway_process, registry_yaml, sim_workers
+
+WORKERS_NOTE = "note: --workers is deprecated, write --processes"
+CHECK_NOTE = "note: `gateway check FILE` is deprecated"
 
 
 def write_config(tmp_path: Path, urls: list[str], **pool_options: Any) -> str:
@@ -135,3 +138,52 @@ def test_demo_serves_images_and_stops_its_workers() -> None:
     for worker_url in worker_urls:  # the demo's children are gone with it
         with pytest.raises(httpx.ConnectError):
             httpx.get(worker_url + "/health")
+
+
+def test_check_reads_the_registry_named_by_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path, ["http://127.0.0.1:9"])
+    assert main(["check", "--config", config]) == 0
+    out, err = capsys.readouterr()
+    assert "    http://127.0.0.1:9  max_concurrency=" in out  # this file, not ./adapters.yaml
+    assert err == ""
+
+
+def test_check_still_takes_the_file_as_an_argument_with_a_note(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path, ["http://127.0.0.1:9"])
+    assert main(["check", config]) == 0
+    out, err = capsys.readouterr()
+    assert "    http://127.0.0.1:9  max_concurrency=" in out  # this file, not ./adapters.yaml
+    assert f"{CHECK_NOTE}, write `gateway check --config {config}`" in err
+
+
+def test_check_refuses_the_file_given_twice(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path, ["http://127.0.0.1:9"])
+    assert main(["check", "--config", config, config]) == 2
+    assert "give the registry once, with --config" in capsys.readouterr().err
+
+
+def test_serve_counts_server_processes_with_processes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert _parser().parse_args(["serve"]).processes == 1
+    assert _parser().parse_args(["serve", "--processes", "3"]).processes == 3
+    assert WORKERS_NOTE not in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    shown = capsys.readouterr().out
+    assert "--processes" in shown
+    assert "--workers" not in shown  # the old spelling works, but is not offered
+
+
+def test_serve_workers_is_a_deprecated_alias_that_warns_once(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = _parser().parse_args(["serve", "--workers", "2", "--workers", "4"])
+    assert args.processes == 4
+    assert capsys.readouterr().err.count(WORKERS_NOTE) == 1

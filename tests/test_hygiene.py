@@ -242,7 +242,7 @@ async def test_logs_of_a_full_run_hold_no_key_hash_or_credential(
     ]
     monkeypatch.setenv("WORKER_TOKEN", WORKER_TOKEN)
     capsys.readouterr()
-    assert main(["check", str(config)]) == 0
+    assert main(["check", "--config", str(config)]) == 0
     logged = log.read_text() + capsys.readouterr().out
     assert "registry reload refused" in logged
     assert "team-a" in logged  # the 403 line: keys appear by name

@@ -78,7 +78,7 @@ def test_several_processes_are_summed(tmp_path: Path, fast_sims: list[SimWorker]
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
     (metrics_dir / "counter_999999.db").write_bytes(b"stale")  # an earlier run's file
-    served = gateway_process(str(config), "--workers", "2", "--metrics-dir", str(metrics_dir))
+    served = gateway_process(str(config), "--processes", "2", "--metrics-dir", str(metrics_dir))
     close = {"connection": "close"}  # a new connection each time: either process may answer
     with served as url, httpx.Client(base_url=url, headers=close) as client:
         for _ in range(12):

@@ -119,7 +119,7 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
 def test_check_prints_routing_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "adapters.yaml"
     path.write_text(GOOD)
-    assert main(["check", str(path)]) == 0
+    assert main(["check", "--config", str(path)]) == 0
     out = capsys.readouterr().out
     assert "pixel-art | pixelart -> pool sdxl (friendli-container)" in out
     assert "    https://flux.internal:8000  max_concurrency=1" in out
@@ -130,7 +130,7 @@ def test_check_bad_file_exits_1_with_the_error(
 ) -> None:
     path = tmp_path / "adapters.yaml"
     path.write_text(edit("pool: flux, ignore", "pool: nowhere, ignore"))
-    assert main(["check", str(path)]) == 1
+    assert main(["check", "--config", str(path)]) == 1
     assert f"{path}:13: adapters.2.pool: unknown pool 'nowhere'" in capsys.readouterr().err
 
 

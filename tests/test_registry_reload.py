@@ -12,7 +12,8 @@ import pytest
 
 from gateway.errors import ConfigError
 from gateway.metrics import Metrics
-from gateway.registry import Registry, RegistryFile, Reloader, load_registry
+from gateway.registry import Registry, load_registry
+from gateway.reload import RegistryFile, Reloader
 from tests.support import SimWorker, body, gateway_child, gateway_from_file, registry_yaml
 
 

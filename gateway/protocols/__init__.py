@@ -13,7 +13,6 @@ from typing import Protocol
 import aiohttp
 
 from gateway.protocols.friendli_container import FriendliContainer
-from gateway.registry import Registry
 
 
 class WorkerProtocol(Protocol):
@@ -43,13 +42,13 @@ def protocol_for(name: str) -> WorkerProtocol:
     return PROTOCOLS[name]
 
 
-def open_worker_session(registry: Registry) -> aiohttp.ClientSession:
+def open_worker_session(*, slots: int) -> aiohttp.ClientSession:
     """The one client session of the process, shared by every worker of every pool.
 
-    Keep-alive connections are pooled per worker; the pool is sized for every slot of
-    every worker twice over, so a reload that adds workers still finds room.
+    Keep-alive connections are pooled per worker; the pool is sized for `slots` (every
+    slot of every worker, `Registry.worker_slots`) twice over, so a reload that adds
+    workers still finds room.
     """
-    slots = sum(w.max_concurrency for pool in registry.pools.values() for w in pool.workers)
     connector = aiohttp.TCPConnector(limit=max(100, 2 * slots), limit_per_host=0)
     return aiohttp.ClientSession(
         connector=connector,
