@@ -15,7 +15,17 @@ WORKERS = {"p": ["http://127.0.0.1:9"]}
 def test_document_describes_the_api_from_the_models() -> None:
     doc = openapi_document(make_registry(WORKERS, sections={"limits": {"max_prompt_chars": 99}}))
     assert doc["openapi"] == "3.1.0"
-    assert set(doc["paths"]) == {"/v1/images/generations", "/v1/models", "/healthz", "/readyz"}
+    assert set(doc["paths"]) == {
+        "/v1/images/generations",
+        "/v1/models",
+        "/healthz",
+        "/readyz",
+        "/status",
+    }
+    readyz = doc["paths"]["/readyz"]["get"]
+    assert [p["name"] for p in readyz["parameters"]] == ["pool", "verbose"]
+    assert {"200", "404", "503"} == set(readyz["responses"])
+    assert {"Status", "PoolStatus", "WorkerStatus"} <= set(doc["components"]["schemas"])
     schemas = doc["components"]["schemas"]
     assert {"ImageGenerationBody", "ImageResponse", "ErrorBody", "ValidationErrorBody"} <= set(
         schemas
