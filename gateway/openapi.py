@@ -71,7 +71,7 @@ def openapi_document(registry: Registry) -> dict[str, Any]:
             "/v1/models": {"get": _models_operation(security)},
             "/healthz": {"get": _status_operation("the process is alive", ready=False)},
             "/readyz": {"get": _readyz_operation()},
-            "/status": {"get": _report_operation(security)},
+            "/status": {"get": _report_operation(registry)},
         },
         "components": {
             "schemas": schemas,
@@ -169,18 +169,23 @@ def _readyz_operation() -> dict[str, Any]:
     return operation
 
 
-def _report_operation(security: list[dict[str, list[str]]]) -> dict[str, Any]:
-    """`/status` takes the metrics key (or the admin key, which adds worker addresses)
-    when one is configured: the same bearer scheme as the API."""
+def _report_operation(registry: Registry) -> dict[str, Any]:
+    """`/status` takes a key only where `/metrics` does: when a metrics key is set."""
+    guarded = registry.auth is not None and registry.auth.metrics_key_sha256 is not None
+    responses: dict[str, Any] = {
+        "200": {
+            "description": "the report; each worker's address only for the admin key",
+            "content": _json("Status"),
+        },
+        "503": {"description": "still starting", "content": _json("Status")},
+    }
+    if guarded:
+        responses["401"] = {"description": "no metrics or admin key", "content": _json("ErrorBody")}
     return {
         "summary": "Each pool's workers, health, queue depth and ejections",
         "operationId": "status",
-        "responses": {
-            "200": {"description": "the report", "content": _json("Status")},
-            "401": {"description": "a metrics key is configured and not sent"},
-            "503": {"description": "still starting", "content": _json("Status")},
-        },
-        "security": security,
+        "responses": responses,
+        "security": [{"bearer": []}] if guarded else [],
     }
 
 

@@ -179,7 +179,7 @@ async def readyz(request: Request) -> Response:
     if "verbose" in params:
         return _status_json(_full_status(request, pipeline, state), code)
     name = params.get("pool")
-    pool = None if name is None else _pool(pipeline, name)
+    pool = None if name is None else _pool(pipeline, name)  # a wrong name: 404 even draining
     if code != 200:
         return _status_json(Status(status=state), code)
     if pool is None:

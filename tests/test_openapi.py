@@ -47,6 +47,10 @@ def test_document_asks_for_a_bearer_key_when_auth_is_on() -> None:
     doc = openapi_document(make_registry(WORKERS, sections={"auth": auth}))
     assert doc["paths"]["/v1/images/generations"]["post"]["security"] == [{"bearer": []}]
     assert doc["paths"]["/healthz"]["get"]["security"] == []
+    assert doc["paths"]["/status"]["get"]["security"] == [], "open, as /metrics, without its key"
+    guarded = {"keys": [api_key("team-a", "k")], "metrics_key_sha256": "0" * 64}
+    doc = openapi_document(make_registry(WORKERS, sections={"auth": guarded}))
+    assert doc["paths"]["/status"]["get"]["security"] == [{"bearer": []}]
     assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
 
 
