@@ -70,7 +70,7 @@ def authorize(key: KeySpec | None, adapter: str) -> None:
 
 
 def require_key(request: Request, kind: RouteKind) -> None:
-    """The hook for operator routes (`/metrics`, `/admin/*`): call it first thing.
+    """The hook for operator routes (`/metrics`, `/status`, `/admin/*`): call it first.
 
     Each kind has its own key (`auth.metrics_key_sha256`, `auth.admin_key_sha256`);
     an API key never opens them. Without an `auth` section they are open, like the
@@ -81,17 +81,35 @@ def require_key(request: Request, kind: RouteKind) -> None:
     auth = registry.auth
     if auth is None:
         return
-    expected = auth.metrics_key_sha256 if kind == "metrics" else auth.admin_key_sha256
+    expected = _expected_hash(auth, kind)
     if expected is None:
         if kind == "metrics":
             return
         raise Forbidden("admin routes are closed: no auth.admin_key_sha256 is configured")
-    token = _bearer_token(request)
-    # One stored hash: compare in constant time.
-    if not token or not hmac.compare_digest(hashlib.sha256(token).hexdigest(), expected):
+    if not _presents(request, expected):
         log.debug("401: no %s key (client %s)", kind, _client(request))
         raise Unauthorized()
     request.scope.setdefault("state", {})["key_name"] = kind
+
+
+def holds_key(request: Request, kind: RouteKind) -> bool:
+    """Whether the caller presents `kind`'s own key: never on an open gateway, nor when
+    that key is not configured. For what a route shows only to that key's holder."""
+    registry: Registry = request.app.state.pipeline.registry
+    if registry.auth is None:
+        return False
+    expected = _expected_hash(registry.auth, kind)
+    return expected is not None and _presents(request, expected)
+
+
+def _expected_hash(auth: AuthSpec, kind: RouteKind) -> str | None:
+    return auth.metrics_key_sha256 if kind == "metrics" else auth.admin_key_sha256
+
+
+def _presents(request: Request, expected: str) -> bool:
+    token = _bearer_token(request)
+    # One stored hash: compare in constant time.
+    return bool(token) and hmac.compare_digest(hashlib.sha256(token).hexdigest(), expected)
 
 
 def log_auth_mode(registry: Registry) -> None:

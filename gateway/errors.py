@@ -12,6 +12,7 @@
         ├── HeadersTooLarge    431     the request head passed `limits.max_header_bytes`
         ├── UnsupportedMediaType 415   the body is not JSON
         ├── UnknownModel       404     `model` names no adapter (detail lists known ones)
+        ├── UnknownPool        404     `/readyz?pool=` names no pool (detail lists them)
         ├── ReloadRefused      422     POST /admin/reload found a bad file (old one serves)
         ├── RetryLater                 refused for now; carries Retry-After
         │   ├── RateLimited    429     the key is over its rate or `max_concurrent`
@@ -123,6 +124,13 @@ class UnknownModel(RequestError):
         else:
             msg = f"unknown model {model!r}; known models: {names}"
         super().__init__(msg)
+
+
+class UnknownPool(RequestError):
+    status_code = 404
+
+    def __init__(self, pool: str, known: Iterable[str]) -> None:
+        super().__init__(f"unknown pool {pool!r}; known pools: {', '.join(sorted(known))}")
 
 
 class ReloadRefused(RequestError):

@@ -10,7 +10,7 @@ A 4xx is the client's input and counts as an answer; a 429 is "busy" and counts 
 Active: `gateway.prober.Prober` probes every worker that is not known good (ejected,
 down, new, or failing but kept in by the cap) on its protocol's health path every
 `probe_interval_s`. A failed probe takes an UNKNOWN worker out (DOWN): that is how a
-pool whose workers are all dead ends with none in service, and /readyz says so.
+pool whose workers are all dead ends with none in service, and /readyz?pool= says so.
 `healthy_threshold` good probes in a row bring a worker back (an ejected one only
 once its ejection time is over).
 

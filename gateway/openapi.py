@@ -70,7 +70,8 @@ def openapi_document(registry: Registry) -> dict[str, Any]:
             "/v1/images/generations": {"post": _generate_operation(security)},
             "/v1/models": {"get": _models_operation(security)},
             "/healthz": {"get": _status_operation("the process is alive", ready=False)},
-            "/readyz": {"get": _status_operation("every adapter has a worker", ready=True)},
+            "/readyz": {"get": _readyz_operation()},
+            "/status": {"get": _report_operation(registry)},
         },
         "components": {
             "schemas": schemas,
@@ -135,8 +136,57 @@ def _models_operation(security: list[dict[str, list[str]]]) -> dict[str, Any]:
 def _status_operation(summary: str, *, ready: bool) -> dict[str, Any]:
     responses = {"200": {"description": summary, "content": _json("Status")}}
     if ready:
-        responses["503"] = {"description": "not ready yet", "content": _json("Status")}
+        responses["503"] = {
+            "description": "starting or draining (or, with `pool`, that pool has no worker)",
+            "content": _json("Status"),
+        }
     return {"summary": summary, "responses": responses, "security": []}
+
+
+def _readyz_operation() -> dict[str, Any]:
+    operation = _status_operation("registry loaded and not draining", ready=True)
+    operation["parameters"] = [
+        {
+            "name": "pool",
+            "in": "query",
+            "required": False,
+            "description": "ready only while this pool has a worker in service",
+            "schema": {"type": "string"},
+        },
+        {
+            "name": "verbose",
+            "in": "query",
+            "required": False,
+            "description": "answer with /status's body (needs the key /status needs)",
+            "allowEmptyValue": True,
+            "schema": {"type": "string"},
+        },
+    ]
+    operation["responses"]["404"] = {
+        "description": "`pool` names no pool (the detail lists them)",
+        "content": _json("ErrorBody"),
+    }
+    return operation
+
+
+def _report_operation(registry: Registry) -> dict[str, Any]:
+    """`/status` takes a key only where `/metrics` does: when a metrics key is set."""
+    guarded = registry.auth is not None and registry.auth.metrics_key_sha256 is not None
+    responses: dict[str, Any] = {
+        "200": {
+            "description": "the report; each worker's address only for the admin key",
+            "content": _json("Status"),
+        },
+        "503": {"description": "still starting", "content": _json("Status")},
+    }
+    if guarded:
+        responses["401"] = {"description": "no metrics or admin key", "content": _json("ErrorBody")}
+    return {
+        "summary": "Each pool's workers, health, queue depth and ejections",
+        "operationId": "status",
+        "responses": responses,
+        "security": [{"bearer": []}] if guarded else [],
+    }
 
 
 def _json(model: str) -> dict[str, Any]:

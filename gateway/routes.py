@@ -7,23 +7,39 @@ raise `gateway.errors` exceptions; `app.py` turns those into responses in one pl
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.auth import authenticate, require_key
+from gateway.auth import authenticate, holds_key, require_key
+from gateway.balancer import Pool
 from gateway.cache import policy_from_cache_control
-from gateway.errors import ConfigError, ReloadRefused, UnsupportedMediaType, ValidationFailed
+from gateway.errors import (
+    ConfigError,
+    ReloadRefused,
+    UnknownPool,
+    UnsupportedMediaType,
+    ValidationFailed,
+)
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.openapi import openapi_json
 from gateway.pipeline import Pipeline
 from gateway.ratelimit import KeyLimits
-from gateway.registry import KeySpec
+from gateway.registry import KeySpec, Registry
 from gateway.reload import Reloader
-from gateway.schema import ImageGenerationBody, ModelCard, ModelList, error_list
+from gateway.schema import (
+    ImageGenerationBody,
+    ModelCard,
+    ModelList,
+    PoolStatus,
+    Status,
+    WorkerStatus,
+    error_list,
+)
 
 
 async def generate_image(request: Request) -> Response:
@@ -144,26 +160,107 @@ async def openapi(request: Request) -> Response:
 
 
 async def healthz(request: Request) -> Response:
-    return JSONResponse({"status": "ok"})
+    return _status_json(Status(status="ok"), 200)
 
 
 async def readyz(request: Request) -> Response:
-    """Ready when the registry is loaded, every adapter has a healthy worker, and the
-    process is not draining."""
+    """Ready while this process can serve: registry loaded, not draining. A pool with
+    no healthy worker leaves it ready, since it still serves every other pool (taking
+    every replica out of rotation for one dead pool would fail them all); that pool
+    shows in `?pool=NAME`, in `/status` and in the GatewayPoolWithoutHealthyWorker alert.
+
+    `?pool=NAME`: 200 while that pool has a worker in service, else 503; 404 for a
+    name that is no pool. `?verbose`: `/status`'s body with this route's status code.
+    """
+    pipeline, state = _process_state(request)
+    if pipeline is None:
+        return _status_json(Status(status=state), 503)
+    code = 200 if state == "ready" else 503
+    params = request.query_params
+    if "verbose" in params:
+        return _status_json(_full_status(request, pipeline, state), code)
+    name = params.get("pool")
+    pool = None if name is None else _pool(pipeline, name)  # a wrong name: 404 even draining
+    if code != 200:
+        return _status_json(Status(status=state), code)
+    if pool is None:
+        return _status_json(Status(status=state, registry=pipeline.registry.digest), code)
+    healthy = pool.healthy_count()
+    ready = Status(status="ready" if healthy else "unready", pool=pool.name, healthy=healthy)
+    return _status_json(ready, 200 if healthy else 503)
+
+
+async def status(request: Request) -> Response:
+    """Every pool's workers, health, queue and ejections, as this process sees them:
+    200 whenever there is a report (`status` says whether the process is draining)."""
+    pipeline, state = _process_state(request)
+    if pipeline is None:
+        return _status_json(Status(status=state), 503)
+    return _status_json(_full_status(request, pipeline, state), 200)
+
+
+ProcessState = Literal["starting", "draining", "ready"]
+
+
+def _process_state(request: Request) -> tuple[Pipeline | None, ProcessState]:
     pipeline: Pipeline | None = getattr(request.app.state, "pipeline", None)
     if pipeline is None:
-        return JSONResponse({"status": "starting"}, 503)
-    if request.app.state.drain.draining:
-        return JSONResponse({"status": "draining"}, 503)
-    balancer, registry = pipeline.balancer, pipeline.registry
-    unserved = sorted(
-        adapter.name
-        for adapter in registry.adapters
-        if balancer.pool(adapter.pool).healthy_count() == 0
+        return None, "starting"
+    return pipeline, "draining" if request.app.state.drain.draining else "ready"
+
+
+def _pool(pipeline: Pipeline, name: str) -> Pool:
+    pools = pipeline.balancer.pools
+    if name not in pools:
+        raise UnknownPool(name, pools)
+    return pools[name]
+
+
+def _full_status(request: Request, pipeline: Pipeline, state: ProcessState) -> Status:
+    """Guarded as /metrics is (it holds the same facts); worker addresses only for the
+    admin key, whose holder may see the registry's internals anyway."""
+    admin = holds_key(request, "admin")
+    if not admin:
+        require_key(request, "metrics")
+    registry = pipeline.registry
+    pools = {
+        pool.name: _pool_status(pool, registry, addresses=admin)
+        for pool in pipeline.balancer.pools.values()
+    }
+    return Status(status=state, registry=registry.digest, pools=pools)
+
+
+def _pool_status(pool: Pool, registry: Registry, *, addresses: bool) -> PoolStatus:
+    workers = [
+        WorkerStatus(
+            name=worker.name,
+            state=worker.health.state.value,
+            in_flight=worker.in_flight,
+            max_concurrency=worker.spec.max_concurrency,
+            ejections=worker.stats.ejections,
+            address=_address(worker.url) if addresses else None,
+        )
+        for worker in pool.workers
+    ]
+    return PoolStatus(
+        protocol=pool.spec.protocol,
+        healthy=pool.healthy_count(),
+        queue_depth=len(pool.queue),
+        ejections=pool.stats.ejections,
+        adapters=[adapter.name for adapter in registry.adapters if adapter.pool == pool.name],
+        workers=workers,
     )
-    if unserved:
-        return JSONResponse({"status": "unready", "adapters_without_workers": unserved}, 503)
-    return JSONResponse({"status": "ready", "registry": registry.digest})
+
+
+def _address(url: str) -> str:
+    """scheme://host:port: no userinfo, path or query, where credentials could hide."""
+    parts = urlsplit(url)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return f"{parts.scheme}://{host}"
+
+
+def _status_json(body: Status, code: int) -> Response:
+    return JSONResponse(body.model_dump(mode="json", exclude_none=True), code)
 
 
 async def metrics(request: Request) -> Response:
@@ -192,6 +289,7 @@ ROUTES = [
     Route("/v1/models", list_models, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
+    Route("/status", status, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
     Route("/admin/reload", admin_reload, methods=["POST"]),
     Route("/openapi.json", openapi, methods=["GET"]),

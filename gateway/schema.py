@@ -111,12 +111,42 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class Status(BaseModel):
-    """`/healthz` and `/readyz`."""
+# gateway.health.State's values (this module imports nothing from the gateway).
+WorkerState = Literal["healthy", "unknown", "ejected", "down"]
 
-    status: str
+
+class WorkerStatus(BaseModel):
+    """One worker in `/status`: named as in logs and metrics, never by address unless
+    the caller holds the admin key (then without userinfo, path or query)."""
+
+    name: str
+    state: WorkerState  # healthy and unknown are in service; ejected and down are out
+    in_flight: int
+    max_concurrency: int
+    ejections: int
+    address: str | None = None
+
+
+class PoolStatus(BaseModel):
+    """One pool in `/status`."""
+
+    protocol: str
+    healthy: int  # workers in service
+    queue_depth: int
+    ejections: int
+    adapters: list[str]
+    workers: list[WorkerStatus]
+
+
+class Status(BaseModel):
+    """`/healthz`, `/readyz` (with `pool` and `healthy` for `?pool=`) and `/status` (with
+    `pools`). Fields that do not apply are left out."""
+
+    status: Literal["ok", "ready", "unready", "starting", "draining"]
     registry: str | None = None
-    adapters_without_workers: list[str] | None = None
+    pool: str | None = None
+    healthy: int | None = None
+    pools: dict[str, PoolStatus] | None = None
 
 
 class ErrorBody(BaseModel):

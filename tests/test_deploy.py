@@ -331,6 +331,8 @@ def test_ports_agree_across_deployment_probes_service_and_servicemonitor() -> No
     }
     assert {container_port(p["port"]) for p in probes.values()} == {port}
     served = {route.path for route in ROUTES}
+    # Exactly /readyz, the process's readiness: a `?pool=` there would take every
+    # replica out of the Service for one dead pool (the alert reports that pool).
     assert (probes["livenessProbe"]["path"], probes["readinessProbe"]["path"]) == (
         "/healthz",
         "/readyz",
@@ -505,6 +507,8 @@ def test_alert_rules_cover_the_issue_and_use_real_metrics() -> None:
         "gateway_cache_requests_total",  # cache down
     }
     assert wanted <= used
+    # What the README, the Deployment and /readyz's docstring name for a dead pool.
+    assert "GatewayPoolWithoutHealthyWorker" in {rule["alert"] for rule in alert_rules()}
 
 
 @cache

@@ -87,9 +87,10 @@ async def test_the_app_serves_through_discovered_workers() -> None:
 
 async def test_a_pool_with_no_records_yet_is_not_ready() -> None:
     async with gateway(dns_registry(), resolver=FakeResolver()) as gw:
-        resp = await gw.client.get("/readyz")
-    assert resp.status_code == 503
-    assert resp.json()["adapters_without_workers"] == ["base"]
+        process = await gw.client.get("/readyz")
+        pool = await gw.client.get("/readyz?pool=p")
+    assert process.status_code == 200  # readiness is the process's; the pool is out
+    assert (pool.status_code, pool.json()["healthy"]) == (503, 0)
 
 
 def test_check_shows_where_a_pools_workers_come_from() -> None:

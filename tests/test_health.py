@@ -134,7 +134,7 @@ async def test_the_cap_keeps_one_worker_in_until_its_probe_says_it_is_down() -> 
             await pipeline.generate(request(), request_id="t")
 
 
-async def test_readyz_is_503_while_an_adapter_has_no_healthy_worker() -> None:
+async def test_a_pool_without_a_healthy_worker_is_unready_alone() -> None:
     async with (
         scripted_worker(answers(200, '{"image":""}')) as up,
         scripted_worker(answers(200, '{"image":""}')) as flaky,
@@ -148,12 +148,13 @@ async def test_readyz_is_503_while_an_adapter_has_no_healthy_worker() -> None:
         registry = make_registry({"up": [up.url], "flaky": [flaky.url]}, adapters, health=health)
         async with gateway(registry) as gw:
             await eventually(lambda: flaky.probes >= 1)
-            resp = await gw.client.get("/readyz")
-            assert resp.status_code == 503
-            assert resp.json()["adapters_without_workers"] == ["b"]
+            await eventually(lambda: gw.pipeline.balancer.pool("flaky").healthy_count() == 0)
+            assert (await gw.client.get("/readyz")).status_code == 200  # the process serves
+            resp = await gw.client.get("/readyz?pool=flaky")
+            assert (resp.status_code, resp.json()["healthy"]) == (503, 0)
             flaky.healthy = True
             await eventually(lambda: gw.pipeline.balancer.pool("flaky").healthy_count() == 1)
-            assert (await gw.client.get("/readyz")).status_code == 200
+            assert (await gw.client.get("/readyz?pool=flaky")).status_code == 200
             resp = await gw.client.post("/v1/images/generations", json=body(model="b"))
             assert resp.status_code == 200
 

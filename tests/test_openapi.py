@@ -15,7 +15,17 @@ WORKERS = {"p": ["http://127.0.0.1:9"]}
 def test_document_describes_the_api_from_the_models() -> None:
     doc = openapi_document(make_registry(WORKERS, sections={"limits": {"max_prompt_chars": 99}}))
     assert doc["openapi"] == "3.1.0"
-    assert set(doc["paths"]) == {"/v1/images/generations", "/v1/models", "/healthz", "/readyz"}
+    assert set(doc["paths"]) == {
+        "/v1/images/generations",
+        "/v1/models",
+        "/healthz",
+        "/readyz",
+        "/status",
+    }
+    readyz = doc["paths"]["/readyz"]["get"]
+    assert [p["name"] for p in readyz["parameters"]] == ["pool", "verbose"]
+    assert {"200", "404", "503"} == set(readyz["responses"])
+    assert {"Status", "PoolStatus", "WorkerStatus"} <= set(doc["components"]["schemas"])
     schemas = doc["components"]["schemas"]
     assert {"ImageGenerationBody", "ImageResponse", "ErrorBody", "ValidationErrorBody"} <= set(
         schemas
@@ -37,6 +47,10 @@ def test_document_asks_for_a_bearer_key_when_auth_is_on() -> None:
     doc = openapi_document(make_registry(WORKERS, sections={"auth": auth}))
     assert doc["paths"]["/v1/images/generations"]["post"]["security"] == [{"bearer": []}]
     assert doc["paths"]["/healthz"]["get"]["security"] == []
+    assert doc["paths"]["/status"]["get"]["security"] == [], "open, as /metrics, without its key"
+    guarded = {"keys": [api_key("team-a", "k")], "metrics_key_sha256": "0" * 64}
+    doc = openapi_document(make_registry(WORKERS, sections={"auth": guarded}))
+    assert doc["paths"]["/status"]["get"]["security"] == [{"bearer": []}]
     assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
 
 
