@@ -16,6 +16,7 @@ import json
 import resource
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -26,11 +27,13 @@ from gateway.server import CUTOFFS
 from tests.support import (
     body,
     delayed,
+    gateway_process,
     gateway_server,
     image_ok,
     make_registry,
     parse_raw,
     raw_exchange,
+    registry_yaml,
     scripted_worker,
     served_gateway,
 )
@@ -290,3 +293,17 @@ async def test_connections_over_the_cap_get_503_while_the_others_are_served() ->
     assert len(worker.received) == 5
     exposed = metric(text, "gateway_client_cutoffs_total", reason="max_connections")
     assert exposed == CUTOFFS["max_connections"] >= 1
+
+
+async def test_served_processes_take_their_limits_from_the_registry(tmp_path: Path) -> None:
+    """`gateway serve --workers 2`: each process imports the protocol afresh and reads
+    the limits `serve` resolved, not the defaults (which would wait 10 s)."""
+    config = tmp_path / "adapters.yaml"
+    limits = {"head_timeout_s": HEAD_S, "max_connections": 100}
+    config.write_text(registry_yaml({"p": ["http://127.0.0.1:9"]}, sections={"limits": limits}))
+    with gateway_process(str(config), "--workers", "2") as url:
+        silent = await asyncio.gather(*(slow_client(url, b"") for _ in range(6)))
+    for cut in silent:
+        assert cut.after_s is not None
+        assert cut.after_s <= HEAD_S + MARGIN_S
+        assert (cut.status(), cut.detail()) == (408, "request head not received within 1s")
