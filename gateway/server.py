@@ -237,8 +237,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def _on_timer(self) -> None:
         self._timer = None
-        if self.transport.is_closing():
-            return
+        if self.transport.is_closing() or self.transport.get_protocol() is not self:
+            return  # closed, or handed to uvicorn's WebSocket protocol by an upgrade
         now = self.loop.time()
         if self._phase == _HEAD:
             due = self._head_due
