@@ -31,6 +31,7 @@ from gateway.ratelimit import KeyLimits, open_rate_limiter, redis_url_for
 from gateway.registry import Registry, load_registry, with_redis_url
 from gateway.reload import RegistryFile, Reloader
 from gateway.routes import ROUTES
+from gateway.server import CUTOFFS
 
 ENV_CONFIG = "GATEWAY_CONFIG"
 ENV_DRAIN_GRACE_S = "GATEWAY_DRAIN_GRACE_S"
@@ -118,9 +119,11 @@ def _reloader(source: RegistryFile | None, pipeline: Pipeline, metrics: Metrics)
 
 
 async def _sync_metrics(metrics: Metrics, pipeline: Pipeline, every_s: float = 1.0) -> None:
-    """Live balancer state into the metrics, in every process (see Metrics.sync_balancer)."""
+    """Live balancer state and the server's cut-off connections into the metrics, in
+    every process (see Metrics.sync_balancer)."""
     while True:
         metrics.sync_balancer(pipeline.balancer)
+        metrics.sync_cutoffs(CUTOFFS)
         await asyncio.sleep(every_s)
 
 

@@ -31,12 +31,7 @@ from gateway.errors import ConfigError
 from gateway.logs import log_config
 from gateway.metrics import MULTIPROC_ENV
 from gateway.registry import CacheSpec, LimitsSpec, Registry, load_registry, redacted
-from gateway.server import (
-    SERVED_PROTOCOL,
-    BoundedHttpToolsProtocol,
-    bound_head_size,
-    bounded_protocol,
-)
+from gateway.server import SERVED_PROTOCOL, BoundedHttpToolsProtocol, bounded_protocol, serve_limits
 from gateway.simworker import SimConfig, create_sim_app, spawn, stop, wait_healthy
 
 DEFAULT_CONFIG = "adapters.yaml"
@@ -187,7 +182,6 @@ def serve(args: argparse.Namespace) -> int:
     """Each server process builds its app from the environment set here (app_from_env),
     so one process and `--processes N` run the same code."""
     registry = load_registry(args.config)  # a bad file stops us here, with line and key
-    bound_head_size(registry.limits.max_header_bytes)  # read once, like the body limit
     os.environ.update(
         {
             ENV_CONFIG: str(Path(args.config).resolve()),
@@ -205,6 +199,7 @@ def serve(args: argparse.Namespace) -> int:
         workers=args.processes,
         timeout_graceful_shutdown=args.drain_timeout_s,
     )
+    serve_limits(registry.limits)  # read once, like the body limit; logged (config did)
     if args.processes == 1:
         uvicorn.Server(config).run()
         return 0
@@ -236,15 +231,16 @@ def _fast(
     host: str = "127.0.0.1",
     port: int = 0,
     http: type[BoundedHttpToolsProtocol] | str | None = None,
-    max_header_bytes: int = LimitsSpec().max_header_bytes,
+    limits: LimitsSpec | None = None,
     configure_logging: bool = True,
     **options: Any,
 ) -> uvicorn.Config:
     """Every server here: uvloop + httptools and no access log, measured as what the hot
-    path needs; httptools bounded in head size (see server.py: `http`, else a class
-    bounded at `max_header_bytes`); no `Server` header, which would only tell a scanner
-    what to try. `configure_logging=False` leaves the process's logging as it is (for a
-    server inside a test run); `options` go to uvicorn.Config as they are."""
+    path needs; httptools bounded in head size, time and connections (see server.py:
+    `http`, else a class bounded by `limits`, default ones if None; uvicorn's
+    `timeout_keep_alive` is the class's too); no `Server` header, which would only tell
+    a scanner what to try. `configure_logging=False` leaves the process's logging as it
+    is (for a server inside a test run); `options` go to uvicorn.Config as they are."""
     return uvicorn.Config(
         app,
         host=host,
@@ -252,7 +248,7 @@ def _fast(
         log_level=log_level,
         log_config=log_config(log_level) if configure_logging else None,
         loop="uvloop",
-        http=http or bounded_protocol(max_header_bytes),
+        http=http or bounded_protocol(limits or LimitsSpec()),
         access_log=False,
         server_header=False,
         **options,
@@ -374,7 +370,7 @@ def demo(args: argparse.Namespace) -> int:
         config = _fast(
             create_app(registry),
             log_level="warning",
-            max_header_bytes=registry.limits.max_header_bytes,
+            limits=registry.limits,
         )
         server = uvicorn.Server(config)
         # uvicorn re-raises SIGTERM after its own shutdown; exit through `finally` then,

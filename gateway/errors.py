@@ -10,13 +10,15 @@
         ├── ValidationFailed   422     the body broke the schema (detail is a list)
         ├── PayloadTooLarge    413     the body passed `limits.max_body_bytes`
         ├── HeadersTooLarge    431     the request head passed `limits.max_header_bytes`
+        ├── RequestTimeout     408     the head or body came too slowly (`limits.*_s`)
+        ├── MalformedRequest   400     bytes that do not parse as HTTP/1.1
         ├── UnsupportedMediaType 415   the body is not JSON
         ├── UnknownModel       404     `model` names no adapter (detail lists known ones)
         ├── UnknownPool        404     `/readyz?pool=` names no pool (detail lists them)
         ├── ReloadRefused      422     POST /admin/reload found a bad file (old one serves)
         ├── RetryLater                 refused for now; carries Retry-After
         │   ├── RateLimited    429     the key is over its rate or `max_concurrent`
-        │   └── Overloaded     503     no capacity now
+        │   └── Overloaded     503     no capacity now (a pool, or the connection cap)
         ├── UpstreamRejected   4xx     a worker refused the request's input
         └── UpstreamError      502     no worker produced an image (`reason` says why)
             ├── WorkerUnreachable 502  connect refused or timed out: never saw the job
@@ -100,6 +102,20 @@ class HeadersTooLarge(RequestError):
 
     def __init__(self, limit: int) -> None:
         super().__init__(f"request line and headers are larger than {limit} bytes")
+
+
+class RequestTimeout(RequestError):
+    """The client sent its request too slowly. Like MalformedRequest, never raised:
+    the server layer (gateway/server.py) answers with it and closes the connection."""
+
+    status_code = 408
+
+    def headers(self) -> Mapping[str, str]:
+        return {"Connection": "close"}
+
+
+class MalformedRequest(RequestError):
+    status_code = 400
 
 
 class ValidationFailed(RequestError):

@@ -240,6 +240,13 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.cutoffs = Counter(
+            "gateway_client_cutoffs",
+            "Client connections closed by the server: a head or body too slow (408), "
+            "or over limits.max_connections (503), by reason.",
+            ["reason"],
+            registry=r,
+        )
         self.draining = Gauge(
             "gateway_draining",
             "1 once the process has been asked to stop and is draining.",
@@ -286,6 +293,12 @@ class Metrics:
             self.worker_in_flight.labels(*gone).set(0)
             self.worker_healthy.labels(*gone).set(0)
         self._workers = seen
+
+    def sync_cutoffs(self, totals: Mapping[str, int]) -> None:
+        """The HTTP server's cut-off connections (gateway.server.CUTOFFS, this
+        process's totals by reason), copied like the balancer's counters."""
+        for reason, total in totals.items():
+            self._advance(self.cutoffs, (reason,), total)
 
     def _advance(self, counter: Counter, labels: tuple[str, ...], total: int) -> None:
         key = (counter, labels)

@@ -36,6 +36,7 @@ _ERRORS = {
     "401": "no API key, or an unknown one",
     "403": "the key may not use this adapter",
     "404": "`model` names no adapter",
+    "408": "the request head or body came too slowly (`limits.head_timeout_s`, ...)",
     "413": "the body is larger than `limits.max_body_bytes`",
     "415": "the body is not JSON",
     "429": "the key is over its rate limit or `max_concurrent` (see Retry-After)",

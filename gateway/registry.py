@@ -239,12 +239,23 @@ class AdapterSpec(_Frozen):
     revision: Annotated[str, Field(min_length=1, max_length=64)] = "1"
 
 
+Seconds = Annotated[float, Field(gt=0, le=3600)]
+
+
 class LimitsSpec(_Frozen):
-    """What one request may weigh. A prompt is text: 64 KiB of JSON is plenty."""
+    """What one request may weigh, and how long its client may take to send it. A
+    prompt is text: 64 KiB of JSON is plenty. All but `max_prompt_chars` are read
+    once, at start (the server's bounds: gateway/server.py)."""
 
     max_body_bytes: Annotated[int, Field(ge=256, le=64 * 2**20)] = 64 * 2**10
     max_prompt_chars: Annotated[int, Field(ge=1, le=2**20)] = 4000
     max_header_bytes: Annotated[int, Field(ge=1024, le=2**20)] = 16 * 2**10
+    head_timeout_s: Seconds = 10.0  # request line + headers, from the first byte
+    body_timeout_s: Seconds = 30.0  # the whole body, from the end of the head
+    body_idle_s: Seconds = 10.0  # the longest gap between two reads of a body
+    keepalive_idle_s: Seconds = 5.0  # an idle keep-alive connection (uvicorn's default)
+    # Open client connections per process; None: sized from the fd limit at start.
+    max_connections: Annotated[int, Field(ge=1, le=10**7)] | None = None
 
 
 class RateSpec(_Frozen):

@@ -40,6 +40,7 @@ from gateway.schema import (
     WorkerStatus,
     error_list,
 )
+from gateway.server import CUTOFFS
 
 
 async def generate_image(request: Request) -> Response:
@@ -54,7 +55,10 @@ async def generate_image(request: Request) -> Response:
 
 async def _generate(request: Request, pipeline: Pipeline, key: KeySpec | None) -> Response:
     max_chars = pipeline.registry.limits.max_prompt_chars
-    body = await _parse_body(request, max_prompt_chars=max_chars)
+    try:
+        body = await _parse_body(request, max_prompt_chars=max_chars)
+    except ClientDisconnect:  # gone before its body came, or cut off for it (server.py)
+        return Response(status_code=499)
     state = request.state
     policy = policy_from_cache_control(request.headers.get("cache-control"))
     try:
@@ -269,6 +273,7 @@ async def metrics(request: Request) -> Response:
     pipeline: Pipeline | None = getattr(request.app.state, "pipeline", None)
     if pipeline is not None:
         metrics.sync_balancer(pipeline.balancer)  # this process's state, as of now
+    metrics.sync_cutoffs(CUTOFFS)
     return Response(metrics.exposition(), media_type=CONTENT_TYPE)
 
 

@@ -180,15 +180,16 @@ async def gateway_client(
 @asynccontextmanager
 async def gateway_server(registry: Registry) -> AsyncIterator[tuple[str, Starlette]]:
     """The gateway under a real uvicorn in this process's loop, on a free loopback port,
-    with the same server settings as `gateway serve` (bounded httptools, no Server
-    header); yields its URL and the app. For what only a real server does (disconnects,
-    raw bytes, head limits); quicker to start than `gateway_process`."""
+    with the same server settings as `gateway serve` (httptools bounded by the
+    registry's `limits`, no Server header); yields its URL and the app. For what only
+    a real server does (disconnects, raw bytes, head limits, slow clients); quicker to
+    start than `gateway_process`."""
     app = create_app(registry, resolver=FakeResolver())
     config = _fast(
         app,
         log_level="warning",
         port=free_port(),
-        max_header_bytes=registry.limits.max_header_bytes,
+        limits=registry.limits,
         configure_logging=False,
     )
     server = uvicorn.Server(config)

@@ -36,11 +36,10 @@ LAYERS: dict[str, int] = {
     "gateway.logs": 1,
     "gateway.schema": 1,
     # 2: the registry's schema and parsing; metric definitions; one worker protocol;
-    # the HTTP server's protocol class; the simulated worker
+    # the simulated worker
     "gateway.registry": 2,
     "gateway.metrics": 2,
     "gateway.protocols.friendli_container": 2,
-    "gateway.server": 2,
     "gateway.simworker": 2,
     # 3: what each concern needs at run time, on the registry and the metrics
     "gateway.protocols": 3,
@@ -52,6 +51,7 @@ LAYERS: dict[str, int] = {
     "gateway.reload": 3,
     "gateway.drain": 3,
     "gateway.middleware": 3,
+    "gateway.server": 3,  # the HTTP server's protocol class, bounded by the registry's limits
     # 4: the balancer (on the health state); coalescing (on the cache)
     "gateway.balancer": 4,
     "gateway.coalesce": 4,

@@ -253,6 +253,14 @@ def guarded_edit(old: str, new: str) -> str:
         ),
         (guarded_edit("max_prompt_chars", "max_prompt_char"), r":14: limits\.max_prompt_char"),
         (
+            guarded_edit("max_body_bytes: 4096", "max_body_bytes: 4096, body_idle_s: 0"),
+            r":14: limits\.body_idle_s: Input should be greater than 0",
+        ),
+        (
+            guarded_edit("max_body_bytes: 4096", "max_body_bytes: 4096, max_connections: 0"),
+            r":14: limits\.max_connections: Input should be greater than or equal to 1",
+        ),
+        (
             guarded_edit("  keys:\n", "  keys: []\n  old_keys:\n"),
             r":16: auth\.keys: Tuple should have at least 1",
         ),
