@@ -4,9 +4,15 @@ heads too large are refused (431), unparsable requests get JSON, no `Server` hea
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
 
 import httpx
+import uvicorn
+from packaging.requirements import Requirement
+from starlette.types import Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
 
 from gateway.registry import Registry
 from tests.support import (
@@ -104,3 +110,47 @@ async def test_no_server_header_on_any_answer() -> None:
     assert [a.status_code for a in answers] == [200, 404, 502]
     assert all("server" not in a.headers for a in answers)
     assert "server" not in parse_raw(raw)[1]
+
+
+# What gateway/server.py takes from uvicorn's private HttpToolsProtocol: the hooks it
+# overrides and the attributes it reads. A uvicorn that renames one breaks the bounds
+# silently (a hook never called), so the pin in pyproject.toml stays narrow and this
+# test names what moved.
+UVICORN_HOOKS = (
+    "connection_made",
+    "connection_lost",
+    "data_received",
+    "on_message_begin",
+    "on_headers_complete",
+    "on_message_complete",
+    "send_400_response",
+)
+UVICORN_ATTRIBUTES = ("connections", "timeout_keep_alive", "flow", "pipeline", "cycle", "loop")
+
+
+def test_uvicorn_is_a_version_the_server_layer_was_tested_against() -> None:
+    pins = [
+        Requirement(text)
+        for text in importlib.metadata.requires("image-gateway") or []
+        if Requirement(text).name == "uvicorn"
+    ]
+    assert pins, "pyproject.toml names no uvicorn"
+    assert pins[0].specifier.contains(uvicorn.__version__), (
+        f"uvicorn {uvicorn.__version__} is outside {pins[0].specifier}: gateway/server.py "
+        "subclasses its private HttpToolsProtocol; check it against this version, then pin"
+    )
+
+
+async def test_uvicorn_still_has_what_the_server_layer_overrides_and_reads() -> None:
+    hooks = [name for name in UVICORN_HOOKS if callable(getattr(HttpToolsProtocol, name, None))]
+    lost = sorted(set(UVICORN_HOOKS) - set(hooks))
+    assert not lost, f"HttpToolsProtocol lost hooks that gateway/server.py overrides: {lost}"
+    config = uvicorn.Config(app=_asgi_app, log_config=None)
+    config.load()
+    protocol = HttpToolsProtocol(config, ServerState(), app_state={})
+    absent = [name for name in UVICORN_ATTRIBUTES if not hasattr(protocol, name)]
+    assert not absent, f"HttpToolsProtocol no longer sets what gateway/server.py reads: {absent}"
+
+
+async def _asgi_app(scope: Scope, receive: Receive, send: Send) -> None:
+    pass
