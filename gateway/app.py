@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import os
 import signal
 import time
 from collections.abc import AsyncIterator, Coroutine
@@ -27,16 +26,13 @@ from gateway.openapi import openapi_json
 from gateway.pipeline import Pipeline
 from gateway.prober import Prober
 from gateway.protocols import open_worker_session
-from gateway.ratelimit import KeyLimits, open_rate_limiter, redis_url_for
-from gateway.registry import Registry, load_registry, with_redis_url
+from gateway.ratelimit import KeyLimits, open_rate_limiter, redis_for
+from gateway.registry import Registry, load_registry
 from gateway.reload import RegistryFile, Reloader
 from gateway.routes import ROUTES
-from gateway.server import CUTOFFS
-
-ENV_CONFIG = "GATEWAY_CONFIG"
-ENV_DRAIN_GRACE_S = "GATEWAY_DRAIN_GRACE_S"
-ENV_RELOAD_EVERY_S = "GATEWAY_RELOAD_EVERY_S"
-ENV_REDIS_URL = "GATEWAY_REDIS_URL"  # wins over the file's cache url: secrets come by env
+from gateway.server import CUTOFFS, use_served_limits
+from gateway.settings import Settings
+from gateway.state import AppState, Served
 
 
 def create_app(
@@ -52,21 +48,22 @@ def create_app(
 ) -> Starlette:
     """`source`: the registry's file, for reloads; `signals`: take SIGHUP (reload) and
     SIGTERM (drain) — only for a served process, never inside tests' event loops;
-    `resolver` and `clock`: DNS discovery and health timing (fakes in tests)."""
-    metrics = metrics or Metrics()
-    drain = drain or Drain(grace_s=0.0)
-    env_redis_url = os.environ.get(ENV_REDIS_URL)
-    cache_spec = with_redis_url(registry.cache, env_redis_url, source=ENV_REDIS_URL)
+    `resolver` and `clock`: DNS discovery and health timing (fakes in tests).
+    `registry` is served as given: the environment's overrides (`Settings.over`) are
+    the caller's to apply, so nothing here reads the environment."""
+    state = AppState(metrics=metrics or Metrics(), drain=drain or Drain(grace_s=0.0))
+    metrics = state.metrics
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # The cache's store is chosen once per process, from the registry it started
         # with: a reload that changes the cache section applies at the next restart.
         cache_observer = CacheMetrics(metrics)
+        limiter_url, limiter_timeout_s = redis_for(registry)
         async with (
             open_worker_session(slots=registry.worker_slots) as session,
-            open_rate_limiter(redis_url_for(registry, env_redis_url)) as rate_limiter,
-            open_cache(cache_spec, observer=cache_observer) as cache,
+            open_rate_limiter(limiter_url, timeout_s=limiter_timeout_s) as rate_limiter,
+            open_cache(registry.cache, observer=cache_observer) as cache,
         ):
             balancer = Balancer(registry, clock=clock)
             discovery = Discovery(balancer=balancer, resolver=resolver, clock=clock)
@@ -81,15 +78,18 @@ def create_app(
                 coalescer=Coalescer(cache=cache),
             )
             reloader = _reloader(source, pipeline, metrics)
-            app.state.pipeline, app.state.reloader = pipeline, reloader
-            app.state.key_limits = KeyLimits(rate=rate_limiter)
-            app.state.openapi = (registry.digest, openapi_json(registry))
+            state.served = Served(
+                pipeline=pipeline,
+                key_limits=KeyLimits(rate=rate_limiter),
+                reloader=reloader,
+                openapi=(registry.digest, openapi_json(registry)),
+            )
             log_auth_mode(registry)
             metrics.set_registry(registry.digest)
             jobs = [prober.run(), discovery.run(), _sync_metrics(metrics, pipeline)]
             if reloader is not None:
                 jobs.append(reloader.watch(every_s=reload_every_s))
-            async with _background(*jobs), _signals(reloader, drain, enabled=signals):
+            async with _background(*jobs), _signals(reloader, state.drain, enabled=signals):
                 # Start-up objects live for the process: keep them out of every GC pass.
                 gc.freeze()
                 yield
@@ -106,7 +106,7 @@ def create_app(
         exception_handlers=dict(EXCEPTION_HANDLERS),
         lifespan=lifespan,
     )
-    app.state.metrics, app.state.drain, app.state.reloader = metrics, drain, None
+    app.state.gateway = state  # the one attribute: see gateway.state
     return app
 
 
@@ -159,15 +159,17 @@ async def _background(*jobs: Coroutine[Any, Any, None]) -> AsyncIterator[None]:
 
 
 def app_from_env() -> Starlette:
-    """The served app (`gateway serve`, each of the `--processes N`), from the
-    environment `serve` sets: GATEWAY_CONFIG, GATEWAY_DRAIN_GRACE_S, GATEWAY_RELOAD_EVERY_S."""
-    path = os.environ.get(ENV_CONFIG, "adapters.yaml")
-    metrics = Metrics()
+    """The served app (`gateway serve`, each of its `--processes N`): every setting from
+    `Settings.from_env()`, which `serve` filled from its flags."""
+    settings = Settings.from_env()
+    registry = settings.over(load_registry(settings.config))
+    use_served_limits(registry.limits)  # the connections of this process, from now on
+    metrics = Metrics(multiprocess_dir=settings.metrics_dir)
     return create_app(
-        load_registry(path),
-        source=RegistryFile(path),
+        registry,
+        source=RegistryFile(settings.config, prepare=settings.over),
         metrics=metrics,
-        drain=Drain(grace_s=float(os.environ.get(ENV_DRAIN_GRACE_S, "5")), metrics=metrics),
-        reload_every_s=float(os.environ.get(ENV_RELOAD_EVERY_S, "2")),
+        drain=Drain(grace_s=settings.drain_grace_s, metrics=metrics),
+        reload_every_s=settings.reload_every_s,
         signals=True,
     )

@@ -69,7 +69,7 @@ def authorize(key: KeySpec | None, adapter: str) -> None:
         raise Forbidden(f"key {key.name!r} may not use adapter {adapter!r}")
 
 
-def require_key(request: Request, kind: RouteKind) -> None:
+def require_key(request: Request, kind: RouteKind, auth: AuthSpec | None) -> None:
     """The hook for operator routes (`/metrics`, `/status`, `/admin/*`): call it first.
 
     Each kind has its own key (`auth.metrics_key_sha256`, `auth.admin_key_sha256`);
@@ -77,8 +77,6 @@ def require_key(request: Request, kind: RouteKind) -> None:
     rest of the gateway. With one: `/metrics` without its own key stays open (it holds
     counts and key names, no secrets), while `/admin/*` without its key is refused.
     """
-    registry: Registry = request.app.state.pipeline.registry
-    auth = registry.auth
     if auth is None:
         return
     expected = _expected_hash(auth, kind)
@@ -92,13 +90,12 @@ def require_key(request: Request, kind: RouteKind) -> None:
     request.scope.setdefault("state", {})["key_name"] = kind
 
 
-def holds_key(request: Request, kind: RouteKind) -> bool:
+def holds_key(request: Request, kind: RouteKind, auth: AuthSpec | None) -> bool:
     """Whether the caller presents `kind`'s own key: never on an open gateway, nor when
     that key is not configured. For what a route shows only to that key's holder."""
-    registry: Registry = request.app.state.pipeline.registry
-    if registry.auth is None:
+    if auth is None:
         return False
-    expected = _expected_hash(registry.auth, kind)
+    expected = _expected_hash(auth, kind)
     return expected is not None and _presents(request, expected)
 
 

@@ -8,6 +8,7 @@ import base64
 import contextlib
 import getpass
 import json
+import logging
 import os
 import shutil
 import signal
@@ -25,16 +26,22 @@ import uvicorn
 from starlette.types import ASGIApp
 from uvicorn.supervisors import Multiprocess
 
-from gateway.app import ENV_CONFIG, ENV_DRAIN_GRACE_S, ENV_RELOAD_EVERY_S, create_app
+from gateway.app import create_app
 from gateway.auth import hash_key, new_key
 from gateway.errors import ConfigError
 from gateway.logs import log_config
-from gateway.metrics import MULTIPROC_ENV
 from gateway.registry import CacheSpec, LimitsSpec, Registry, load_registry, redacted
-from gateway.server import SERVED_PROTOCOL, BoundedHttpToolsProtocol, bounded_protocol, serve_limits
+from gateway.server import (
+    SERVED_PROTOCOL,
+    BoundedHttpToolsProtocol,
+    ServerLimits,
+    bounded_protocol,
+    raise_fd_limit,
+)
+from gateway.settings import Settings
 from gateway.simworker import SimConfig, create_sim_app, spawn, stop, wait_healthy
 
-DEFAULT_CONFIG = "adapters.yaml"
+log = logging.getLogger("gateway.server")  # where the server layer logs its limits
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -76,8 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--drain-grace-s",
         type=float,
-        default=5.0,
-        help="after SIGTERM: /readyz is 503 but new requests are served this long",
+        default=None,
+        help="after SIGTERM: /readyz is 503 but new requests are served this long "
+        "(GATEWAY_DRAIN_GRACE_S, else 5)",
     )
     p.add_argument(
         "--drain-timeout-s",
@@ -85,12 +93,17 @@ def _parser() -> argparse.ArgumentParser:
         default=60.0,
         help="then: requests in flight get this long to finish (the hard cap)",
     )
-    p.add_argument("--reload-every-s", type=float, default=2.0, help="registry file polling")
+    p.add_argument(
+        "--reload-every-s",
+        type=float,
+        default=None,
+        help="registry file polling (GATEWAY_RELOAD_EVERY_S, else 2)",
+    )
     p.add_argument("--metrics-dir", default=None, help="multiprocess metrics (--processes > 1)")
     p.set_defaults(run=serve)
 
     p = sub.add_parser("check", help="validate adapters.yaml and print the routing table")
-    _config_arg(p, default=None)
+    _config_arg(p)
     # The spelling before --config, kept working: `gateway check FILE`.
     p.add_argument("legacy_config", nargs="?", metavar="FILE", help=argparse.SUPPRESS)
     p.set_defaults(run=check)
@@ -150,8 +163,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config_arg(p: argparse.ArgumentParser, default: str | None = DEFAULT_CONFIG) -> None:
-    p.add_argument("--config", default=default, help=f"the adapter registry ({DEFAULT_CONFIG})")
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config", default=None, help="the registry (GATEWAY_CONFIG, else adapters.yaml)"
+    )
+
+
+def _settings(args: argparse.Namespace, **flags: object) -> Settings:
+    """The environment's settings with this command's flags over them (one precedence
+    for all: see gateway.settings)."""
+    return Settings.from_env().replace(config=args.config, **flags)
 
 
 class _DeprecatedAlias(argparse.Action):
@@ -181,14 +202,9 @@ class _DeprecatedAlias(argparse.Action):
 def serve(args: argparse.Namespace) -> int:
     """Each server process builds its app from the environment set here (app_from_env),
     so one process and `--processes N` run the same code."""
-    registry = load_registry(args.config)  # a bad file stops us here, with line and key
-    os.environ.update(
-        {
-            ENV_CONFIG: str(Path(args.config).resolve()),
-            ENV_DRAIN_GRACE_S: str(args.drain_grace_s),
-            ENV_RELOAD_EVERY_S: str(args.reload_every_s),
-        }
-    )
+    settings = _settings(args, drain_grace_s=args.drain_grace_s, reload_every_s=args.reload_every_s)
+    # A bad file or variable stops us here, with its line and key, before any process starts.
+    registry = settings.over(load_registry(settings.config))
     config = _fast(
         "gateway.app:app_from_env",
         factory=True,
@@ -199,26 +215,29 @@ def serve(args: argparse.Namespace) -> int:
         workers=args.processes,
         timeout_graceful_shutdown=args.drain_timeout_s,
     )
-    serve_limits(registry.limits)  # read once, like the body limit; logged (config did)
+    fds = raise_fd_limit()  # inherited by the processes uvicorn starts
+    connections = ServerLimits.of(registry.limits).max_connections  # as each process has it
+    log.info("at most %d connections per process (open-files limit %d)", connections, fds)
     if args.processes == 1:
+        os.environ.update(settings.to_env())
         uvicorn.Server(config).run()
         return 0
-    with _multiprocess_metrics(args.metrics_dir):
+    with _multiprocess_metrics(args.metrics_dir or settings.metrics_dir) as directory:
+        os.environ.update(settings.replace(metrics_dir=directory).to_env())
         Multiprocess(config, sockets=[config.bind_socket()]).run()
     return 0
 
 
 @contextlib.contextmanager
-def _multiprocess_metrics(path: str | None) -> Iterator[None]:
+def _multiprocess_metrics(path: str | None) -> Iterator[str]:
     """prometheus-client's multiprocess files, in a directory emptied at start (stale
-    files from an earlier run would be summed in)."""
+    files from an earlier run would be summed in); a temporary one when none is given."""
     directory = Path(path or tempfile.mkdtemp(prefix="gateway-metrics-"))
     directory.mkdir(parents=True, exist_ok=True)
     for stale in directory.glob("*.db"):
         stale.unlink()
-    os.environ[MULTIPROC_ENV] = str(directory)
     try:
-        yield
+        yield str(directory)
     finally:
         if path is None:
             shutil.rmtree(directory, ignore_errors=True)
@@ -265,7 +284,8 @@ def check(args: argparse.Namespace) -> int:
             f"{args.legacy_config}`",
             file=sys.stderr,
         )
-    registry = load_registry(args.config or args.legacy_config or DEFAULT_CONFIG)
+    settings = _settings(args).replace(config=args.legacy_config)
+    registry = settings.over(load_registry(settings.config))
     print(routing_table(registry))
     return 0
 
@@ -360,7 +380,8 @@ def generate(args: argparse.Namespace) -> int:
 def demo(args: argparse.Namespace) -> int:
     """One sim worker per configured worker, each on a free loopback port, and the
     gateway in this process serving the same registry pointed at them."""
-    registry = load_registry(args.config)
+    settings = _settings(args)
+    registry = settings.over(load_registry(settings.config))
     sock = _listen("127.0.0.1", args.port)
     procs, registry = _start_sim_workers(registry, step_ms=args.step_ms)
     try:

@@ -13,7 +13,6 @@ cleaned by `serve`) and `exposition()` aggregates every process.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Mapping, Sequence, Sized
 from dataclasses import dataclass
@@ -33,7 +32,6 @@ if TYPE_CHECKING:
     from gateway.errors import UpstreamError
 
 UNKNOWN_ADAPTER = "unknown"
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 # An image takes from milliseconds (a cache hit) to minutes (a queued SDXL at 50 steps).
@@ -102,13 +100,14 @@ class Trace:
     prompt: str | None = None  # only where the registry says log_prompts: true
 
 
-def multiprocess_dir() -> str | None:
-    return os.environ.get(MULTIPROC_ENV) or None
-
-
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, multiprocess_dir: str | None = None
+    ) -> None:
+        """`multiprocess_dir`: where every server process keeps its values (the
+        PROMETHEUS_MULTIPROC_DIR that `gateway.settings` read), None for one process."""
         r = self.registry = registry or CollectorRegistry()
+        self.multiprocess_dir = multiprocess_dir
         self._revision: str | None = None
         self._last: dict[tuple[Counter, tuple[str, ...]], int] = {}
         self._workers: set[tuple[str, ...]] = set()
@@ -327,7 +326,7 @@ class Metrics:
 
     def exposition(self) -> bytes:
         """The text format; with several processes, the sum over all of them."""
-        path = multiprocess_dir()
+        path = self.multiprocess_dir
         if path is None:
             return generate_latest(self.registry)
         merged = CollectorRegistry()

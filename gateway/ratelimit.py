@@ -190,16 +190,19 @@ class Admission:
             self._limits._release_slot(self._key.name)
 
 
-def redis_url_for(registry: Registry, env_url: str | None) -> str | None:
-    """`auth.redis_url`, else `env_url` (GATEWAY_REDIS_URL); limits exist only with auth."""
+def redis_for(registry: Registry) -> tuple[str | None, float]:
+    """`auth.redis_url` (GATEWAY_REDIS_URL, when set, is already in it: see
+    `gateway.settings`) and its call timeout in seconds; limits exist only with auth."""
     if registry.auth is None:
-        return None
-    return registry.auth.redis_url or env_url or None
+        return None, 0.0
+    return registry.auth.redis_url, registry.auth.redis_timeout_ms / 1000
 
 
 @asynccontextmanager
 async def open_rate_limiter(
-    redis_url: str | None, *, timeout_s: float = 0.25
+    redis_url: str | None,
+    *,
+    timeout_s: float = 0.25,
 ) -> AsyncIterator[RateLimiter]:
     """The process's rate limiter: in Redis when a URL is given, else in memory."""
     memory = MemoryRateLimiter()

@@ -295,6 +295,9 @@ class AuthSpec(_Frozen):
     redis_url: Annotated[str, AfterValidator(_expand_env), AfterValidator(_redis_url)] | None = (
         Field(default=None, repr=False)
     )
+    # Each rate-limit call to Redis is cut off after this; a slow Redis then falls back
+    # to per-process limits (logged, retried later) instead of holding the request.
+    redis_timeout_ms: Annotated[float, Field(gt=0, le=60_000)] = 250.0
 
     @cached_property
     def by_hash(self) -> dict[str, KeySpec]:

@@ -23,8 +23,13 @@ log = logging.getLogger("gateway.registry")  # the name operators' log filters k
 class RegistryFile:
     """The file a registry is read from, and whether it changed since the last look."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(
+        self, path: str | Path, *, prepare: Callable[[Registry], Registry] = lambda r: r
+    ) -> None:
+        """`prepare`: applied to every registry read (the environment's overrides,
+        `gateway.settings.Settings.over`), so a reload serves what a start would."""
         self.path = Path(path)
+        self.prepare = prepare
         self._stamp = self._read_stamp()
 
     def _read_stamp(self) -> tuple[int, int, int] | None:
@@ -42,7 +47,7 @@ class RegistryFile:
         return True
 
     def load(self) -> Registry:
-        return load_registry(self.path)
+        return self.prepare(load_registry(self.path))
 
 
 class Reloader:

@@ -1,7 +1,8 @@
 """The HTTP endpoints: a request in, a pipeline call, a response out.
 
-Handlers read their dependencies from `request.app.state` (set by the lifespan) and
-raise `gateway.errors` exceptions; `app.py` turns those into responses in one place.
+Handlers read their dependencies from the typed `gateway.state` (built in the
+lifespan) and raise `gateway.errors` exceptions; `app.py` turns those into responses
+in one place.
 """
 
 from __future__ import annotations
@@ -25,12 +26,10 @@ from gateway.errors import (
     UnsupportedMediaType,
     ValidationFailed,
 )
-from gateway.metrics import CONTENT_TYPE, Metrics
+from gateway.metrics import CONTENT_TYPE
 from gateway.openapi import openapi_json
 from gateway.pipeline import Pipeline
-from gateway.ratelimit import KeyLimits
 from gateway.registry import KeySpec, Registry
-from gateway.reload import Reloader
 from gateway.schema import (
     ImageGenerationBody,
     ModelCard,
@@ -41,15 +40,16 @@ from gateway.schema import (
     error_list,
 )
 from gateway.server import CUTOFFS
+from gateway.state import app_state, served
 
 
 async def generate_image(request: Request) -> Response:
-    pipeline: Pipeline = request.app.state.pipeline
+    found = served(request)
+    pipeline = found.pipeline
     key = authenticate(request, pipeline.registry.auth)
     if key is None:  # an open gateway: no per-key limits to keep
         return await _generate(request, pipeline, key)
-    limits: KeyLimits = request.app.state.key_limits
-    async with limits.admit(key):
+    async with found.key_limits.admit(key):
         return await _generate(request, pipeline, key)
 
 
@@ -138,8 +138,7 @@ async def _parse_body(request: Request, *, max_prompt_chars: int) -> ImageGenera
 
 async def list_models(request: Request) -> Response:
     """The adapters this caller may use (every adapter on an open gateway)."""
-    pipeline: Pipeline = request.app.state.pipeline
-    registry = pipeline.registry
+    registry = served(request).pipeline.registry
     key = authenticate(request, registry.auth)
     cards = [
         ModelCard(
@@ -156,10 +155,11 @@ async def list_models(request: Request) -> Response:
 
 async def openapi(request: Request) -> Response:
     """Made once per registry: it shows the prompt limit and auth, which a reload moves."""
-    registry = request.app.state.pipeline.registry
-    digest, document = request.app.state.openapi
+    found = served(request)
+    registry = found.pipeline.registry
+    digest, document = found.openapi
     if digest != registry.digest:
-        digest, document = request.app.state.openapi = (registry.digest, openapi_json(registry))
+        digest, document = found.openapi = (registry.digest, openapi_json(registry))
     return Response(document, media_type="application/json")
 
 
@@ -207,10 +207,10 @@ ProcessState = Literal["starting", "draining", "ready"]
 
 
 def _process_state(request: Request) -> tuple[Pipeline | None, ProcessState]:
-    pipeline: Pipeline | None = getattr(request.app.state, "pipeline", None)
-    if pipeline is None:
+    state = app_state(request)
+    if state.served is None:
         return None, "starting"
-    return pipeline, "draining" if request.app.state.drain.draining else "ready"
+    return state.served.pipeline, "draining" if state.drain.draining else "ready"
 
 
 def _pool(pipeline: Pipeline, name: str) -> Pool:
@@ -223,10 +223,10 @@ def _pool(pipeline: Pipeline, name: str) -> Pool:
 def _full_status(request: Request, pipeline: Pipeline, state: ProcessState) -> Status:
     """Guarded as /metrics is (it holds the same facts); worker addresses only for the
     admin key, whose holder may see the registry's internals anyway."""
-    admin = holds_key(request, "admin")
-    if not admin:
-        require_key(request, "metrics")
     registry = pipeline.registry
+    admin = holds_key(request, "admin", registry.auth)
+    if not admin:
+        require_key(request, "metrics", registry.auth)
     pools = {
         pool.name: _pool_status(pool, registry, addresses=admin)
         for pool in pipeline.balancer.pools.values()
@@ -268,18 +268,18 @@ def _status_json(body: Status, code: int) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    require_key(request, "metrics")
-    metrics: Metrics = request.app.state.metrics
-    pipeline: Pipeline | None = getattr(request.app.state, "pipeline", None)
-    if pipeline is not None:
-        metrics.sync_balancer(pipeline.balancer)  # this process's state, as of now
+    pipeline = served(request).pipeline
+    require_key(request, "metrics", pipeline.registry.auth)
+    metrics = app_state(request).metrics
+    metrics.sync_balancer(pipeline.balancer)  # this process's state, as of now
     metrics.sync_cutoffs(CUTOFFS)
     return Response(metrics.exposition(), media_type=CONTENT_TYPE)
 
 
 async def admin_reload(request: Request) -> Response:
-    require_key(request, "admin")
-    reloader: Reloader | None = request.app.state.reloader
+    found = served(request)
+    require_key(request, "admin", found.pipeline.registry.auth)
+    reloader = found.reloader
     if reloader is None:
         raise ReloadRefused("this gateway was not started from a registry file")
     try:

@@ -34,12 +34,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
-import os
 import resource
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
@@ -55,10 +53,10 @@ from gateway.registry import LimitsSpec
 
 log = logging.getLogger("gateway.server")
 
-ENV_SERVER_LIMITS = "GATEWAY_SERVER_LIMITS"
-# What `gateway serve` names to uvicorn: an import string, because `--workers N`
-# sends its config to fresh processes, which import this class and read its limits
-# from the environment `serve_limits` set.
+# What `gateway serve` names to uvicorn: an import string, because `--processes N`
+# sends its config to fresh processes, which import this class; each process's app
+# (`gateway.app.app_from_env`) then gives it the registry's limits, before uvicorn
+# accepts a connection (`use_served_limits`).
 SERVED_PROTOCOL = "gateway.server:BoundedHttpToolsProtocol"
 
 # Connections this process cut off, by reason (head_timeout, body_timeout, body_idle,
@@ -91,11 +89,6 @@ class ServerLimits:
             max_connections=spec.max_connections or connections_for(fd_limit()),
         )
 
-    @classmethod
-    def from_env(cls) -> ServerLimits:
-        text = os.environ.get(ENV_SERVER_LIMITS)
-        return cls(**json.loads(text)) if text else cls.of(LimitsSpec())
-
 
 def fd_limit() -> int:
     """This process's soft limit on open files (RLIMIT_NOFILE)."""
@@ -115,7 +108,7 @@ def raise_fd_limit() -> int:
     """Raise the soft RLIMIT_NOFILE to the hard one, as Go's runtime does at start and
     nginx's `worker_rlimit_nofile` is set for: the soft 1024 many hosts still give a
     process is the limit of select(), which nothing here uses (uvloop is epoll). The
-    processes `--workers N` starts inherit it. Returns the soft limit now."""
+    processes `--processes N` starts inherit it. Returns the soft limit now."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and soft < hard:
         try:
@@ -134,7 +127,7 @@ class _HeadTooLarge(Exception):
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
-    limits = ServerLimits.from_env()
+    limits = ServerLimits.of(LimitsSpec())  # `use_served_limits` sets the served ones
 
     _phase = _IDLE
     _timer: asyncio.TimerHandle | None = None  # armed while a head or body is unfinished
@@ -327,17 +320,11 @@ def _due_to_log(every_s: float = 60.0) -> bool:
     return True
 
 
-def serve_limits(spec: LimitsSpec) -> ServerLimits:
-    """`gateway serve`'s server limits: the fd soft limit raised first (raise_fd_limit),
-    then resolved and handed to SERVED_PROTOCOL in this process and, through the
-    environment, in the ones `--workers N` starts (they import the class afresh)."""
-    fds = raise_fd_limit()
-    limits = ServerLimits.of(spec)
-    os.environ[ENV_SERVER_LIMITS] = json.dumps(asdict(limits))
-    BoundedHttpToolsProtocol.limits = limits
-    log.info(
-        "at most %d connections per process (open-files limit %d)", limits.max_connections, fds
-    )
+def use_served_limits(spec: LimitsSpec) -> ServerLimits:
+    """The limits of SERVED_PROTOCOL in this process: called by each served process's
+    app factory, once, before uvicorn accepts a connection (uvicorn makes the protocol
+    instances itself, from the class, and hands them no app)."""
+    limits = BoundedHttpToolsProtocol.limits = ServerLimits.of(spec)
     return limits
 
 

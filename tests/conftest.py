@@ -1,10 +1,18 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 
+from gateway.settings import ENV_VARIABLES
 from tests.support import RedisServer, SimWorker, redis_server, sim_workers
+
+# A developer's own settings never reach what the tests start: a GATEWAY_REDIS_URL
+# would point every "memory cache" gateway process at their Redis. Tests that need a
+# variable pass it to the process they start.
+for _name in ENV_VARIABLES:
+    os.environ.pop(_name, None)
 
 
 @pytest.fixture(scope="session")

@@ -45,6 +45,7 @@ from gateway.registry import CacheSpec, Registry, load_registry, parse_registry
 from gateway.reload import RegistryFile
 from gateway.schema import ImageGenerationBody
 from gateway.simworker import spawn, stop, wait_healthy
+from gateway.state import served_of
 
 
 @dataclass
@@ -138,7 +139,7 @@ class Gateway:
 
     @property
     def pipeline(self) -> Pipeline:
-        pipeline: Pipeline = self.app.state.pipeline
+        pipeline: Pipeline = served_of(self.app).pipeline
         return pipeline
 
 

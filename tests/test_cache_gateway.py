@@ -15,6 +15,7 @@ from aiohttp import web
 from starlette.applications import Starlette
 
 from gateway.metrics import Metrics
+from gateway.state import state_of
 from tests.support import (
     SimWorker,
     blackhole,
@@ -44,7 +45,7 @@ async def post(
 
 def metric(app: Starlette, name: str, **labels: str) -> float:
     """A series from the app's /metrics registry, summed over the labels not given."""
-    metrics: Metrics = app.state.metrics
+    metrics: Metrics = state_of(app).metrics
     return sum(
         float(sample.value)
         for family in metrics.registry.collect()

@@ -52,6 +52,7 @@ LAYERS: dict[str, int] = {
     "gateway.drain": 3,
     "gateway.middleware": 3,
     "gateway.server": 3,  # the HTTP server's protocol class, bounded by the registry's limits
+    "gateway.settings": 3,  # the environment, read once; applied over a registry
     # 4: the balancer (on the health state); coalescing (on the cache)
     "gateway.balancer": 4,
     "gateway.coalesce": 4,
@@ -59,11 +60,13 @@ LAYERS: dict[str, int] = {
     "gateway.pipeline": 5,
     "gateway.prober": 5,
     "gateway.discovery": 5,
-    # 6: the HTTP surface; 7: the app assembled in its lifespan; 8-9: the command line
-    "gateway.routes": 6,
-    "gateway.app": 7,
-    "gateway.cli": 8,
-    "gateway.__main__": 9,
+    # 6: the app's typed state; 7: the HTTP surface; 8: the app assembled in its
+    # lifespan; 9-10: the command line
+    "gateway.state": 6,  # the app's typed state: what the lifespan builds
+    "gateway.routes": 7,
+    "gateway.app": 8,
+    "gateway.cli": 9,
+    "gateway.__main__": 10,
 }
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 from aiohttp import web
 
+from gateway.state import served_of
 from tests.support import (
     Handler,
     ScriptedWorker,
@@ -143,6 +144,6 @@ async def test_in_flight_returns_to_zero_after_failures() -> None:
             replies = await asyncio.gather(
                 *(client.post("/v1/images/generations", json=body()) for _ in range(20))
             )
-            pool = app.state.pipeline.balancer.pool("p")
+            pool = served_of(app).pipeline.balancer.pool("p")
             assert [w.in_flight for w in pool.workers] == [0, 0]
     assert {r.status_code for r in replies} == {502}

@@ -14,6 +14,7 @@ from aiohttp import web
 from gateway.balancer import Pool
 from gateway.errors import UpstreamError
 from gateway.pipeline import Pipeline
+from gateway.state import served_of
 from tests.support import (
     answers,
     assert_idle,
@@ -256,7 +257,7 @@ async def test_a_client_that_disconnects_while_queued_takes_no_slot() -> None:
             httpx.AsyncClient(base_url=url) as client,
             released_at_exit(release),
         ):
-            pool: Pool = app.state.pipeline.balancer.pool("p")
+            pool: Pool = served_of(app).pipeline.balancer.pool("p")
             post = client.post
             first = asyncio.create_task(post("/v1/images/generations", json=body(prompt="A")))
             await eventually(lambda: len(worker.received) == 1)

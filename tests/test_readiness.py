@@ -18,6 +18,7 @@ from gateway.drain import Drain
 from gateway.health import State
 from gateway.registry import Registry
 from gateway.schema import WorkerState
+from gateway.state import served_of
 from tests.support import (
     bearer,
     body,
@@ -60,7 +61,7 @@ async def test_a_dead_pool_leaves_the_process_ready_and_the_other_pool_serving()
         gateway_server(two_pools(live.url)) as (url, app),
         httpx.AsyncClient(base_url=url) as client,
     ):
-        pools = app.state.pipeline.balancer.pools
+        pools = served_of(app).pipeline.balancer.pools
         # The prober takes the dead pool's workers DOWN and the live one HEALTHY.
         await eventually(lambda: all(w.health.state is State.DOWN for w in pools["dead"].workers))
         await eventually(lambda: pools["live"].workers[0].health.state is State.HEALTHY)

@@ -14,6 +14,7 @@ from gateway.errors import ConfigError
 from gateway.metrics import Metrics
 from gateway.registry import Registry, load_registry
 from gateway.reload import RegistryFile, Reloader
+from gateway.state import served_of
 from tests.support import SimWorker, body, gateway_child, gateway_from_file, registry_yaml
 
 
@@ -57,7 +58,7 @@ async def test_admin_reload_under_load_drops_nothing(
     path = tmp_path / "adapters.yaml"
     async with gateway_from_file(path, one) as gw:
         app, client = gw.app, gw.client
-        kept = list(app.state.pipeline.balancer.pool("p").workers)
+        kept = list(served_of(app).pipeline.balancer.pool("p").workers)
         stop = asyncio.Event()
 
         async def traffic() -> list[int]:
@@ -75,7 +76,7 @@ async def test_admin_reload_under_load_drops_nothing(
             await asyncio.sleep(0.02)
         stop.set()
         codes = [c for task in clients for c in await task]
-        workers = app.state.pipeline.balancer.pool("p").workers
+        workers = served_of(app).pipeline.balancer.pool("p").workers
     assert results == ["ok"] * 20
     assert len(codes) > 20
     assert set(codes) == {200}
