@@ -7,7 +7,6 @@ import json
 
 import pytest
 
-from gateway import answers
 from gateway.answers import problem
 from tests.support import JPEG_ANSWER, PNG_ANSWER, image_answer, image_bytes
 
@@ -44,7 +43,7 @@ def test_the_usual_answer_is_checked_without_parsing_json(monkeypatch: pytest.Mo
     def no_parse(body: bytes) -> object:
         raise AssertionError("json.loads on the fast path")
 
-    monkeypatch.setattr(answers.json, "loads", no_parse)
+    monkeypatch.setattr(json, "loads", no_parse)  # the module gateway.answers uses
     assert problem(image_answer("jpeg", side=64), "jpeg") is None
     assert (
         problem(b' { "image" : "' + base64.b64encode(image_bytes("raw")) + b'" } ', "raw") is None

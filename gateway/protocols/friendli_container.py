@@ -66,6 +66,12 @@ class FriendliContainer:
             raise UpstreamTimeout(f"worker {worker}: no answer within {waited}") from exc
         except aiohttp.ClientConnectorError as exc:
             raise WorkerUnreachable(f"worker {worker}: connection refused") from exc
+        except aiohttp.ClientResponseError as exc:
+            # aiohttp's parser refused the answer's HTTP (e.g. more bytes than its
+            # Content-Length): the worker did answer, wrongly. The first line only:
+            # the rest quotes the worker's bytes.
+            what = exc.message.splitlines()[0].rstrip(":") if exc.message else "unparsable"
+            raise BadAnswer(f"worker {worker} answered malformed HTTP ({what})") from exc
         except aiohttp.ClientError as exc:
             if answered:
                 msg = f"worker {worker}: connection lost while reading the answer"
