@@ -1,6 +1,7 @@
 """What the gateway costs on the miss path: the same upstream, direct and through it.
 
     python -m bench.overhead [--upstream static|sim] [--duration 5] [--auth]
+    python -m bench.overhead --check-only
 
 Starts an upstream on loopback (a static responder that costs almost no CPU, or the
 sim worker with zero delay), the real gateway under uvicorn in front of it, then loads
@@ -12,6 +13,12 @@ shares the load core with the upstream, so gateway/direct ratios stay comparable
 absolute figures are lower). `--auth` gives the gateway an `auth` section and sends
 every request with its key, to price authentication (no rate limit: one key, one
 hash, one lookup, one in-flight count).
+
+The answer is a real JPEG (640x640: 149 KB in base64), so the gateway's answer check
+(`gateway.answers`) runs on every request as it would on a GPU worker's answer.
+Every run also times the answer check (`gateway.answers.problem`) on the same response
+body, against what a full check would cost (json.loads + a strict base64 decode);
+`--check-only` prints just that.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import timeit
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,6 +43,7 @@ from pathlib import Path
 
 import aiohttp
 
+from gateway.answers import problem
 from gateway.auth import hash_key
 from gateway.cli import free_port
 from gateway.schema import ImageGenerationBody
@@ -66,7 +75,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per run")
     parser.add_argument("--size", type=int, default=640, help="image side (640: ~160 KB)")
     parser.add_argument("--auth", action="store_true", help="API keys on, one key sent")
+    parser.add_argument("--check-only", action="store_true", help="time the answer check only")
     args = parser.parse_args(argv)
+    if args.check_only:
+        report_check(image_response(args.size))
+        return
     headers = {"Content-Type": "application/json", "Cache-Control": NO_STORE}
     if args.auth:
         headers["Authorization"] = f"Bearer {BENCH_KEY}"
@@ -142,6 +155,29 @@ def _auth_section() -> str:
 def image_response(size: int) -> bytes:
     body = ImageGenerationBody.model_validate(BODY)
     return b'{"image":"' + base64.b64encode(render(body, size)) + b'"}'
+
+
+def check_cost_us(body: bytes) -> tuple[float, float]:
+    """Microseconds per call: the gateway's answer check, and a full parse and decode."""
+
+    def full() -> None:
+        base64.b64decode(json.loads(body)["image"], validate=True)
+
+    assert problem(body, "jpeg") is None, "the bench's answer must pass the check"
+    times = {}
+    for name, call in (("check", lambda: problem(body, "jpeg")), ("full", full)):
+        number = 200
+        best = min(timeit.repeat(call, number=number, repeat=5))  # the least disturbed
+        times[name] = best / number * 1e6
+    return times["check"], times["full"]
+
+
+def report_check(body: bytes) -> None:
+    check, full = check_cost_us(body)
+    print(
+        f"answer check on a {len(body) / 1000:.0f} KB answer: {check:.0f} us a call; "
+        f"json.loads + b64decode: {full:.0f} us ({check / full:.2f}x)"
+    )
 
 
 def load(url: str, concurrency: int, duration: float, headers: Mapping[str, str]) -> Result:
@@ -241,6 +277,7 @@ def report(results: dict[tuple[str, int], Result], args: argparse.Namespace) -> 
         f"added p50 at c=1: {g1.p50_ms - d1.p50_ms:+.2f} ms; "
         f"added p50 at c=16: {g16.p50_ms - d16.p50_ms:+.2f} ms"
     )
+    report_check(image_response(args.size))
 
 
 if __name__ == "__main__":

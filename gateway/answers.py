@@ -25,8 +25,9 @@ the whole gateway costs a request), and the ways an answer goes wrong between a 
 and the gateway (an error page, a missing field, text or the other format, a body cut
 short, garbage) do not leave both ends of the right image format intact.
 
-Cost: one pass of `translate` over the body (about 0.5 ns a byte) and a few small
-slices; a fraction of `json.loads` + `b64decode` of the same body (bench/README.md).
+Cost: one pass of `translate` over the image string (about 0.5 ns a byte) and a few
+small slices: about 80 us on a 150 KB answer, against about 680 us for `json.loads` +
+`b64decode` of the same body (`python -m bench.overhead --check-only`, bench/README.md).
 """
 
 from __future__ import annotations
