@@ -70,7 +70,7 @@ class FriendliContainer:
             # aiohttp's parser refused the answer's HTTP (e.g. more bytes than its
             # Content-Length): the worker did answer, wrongly. The first line only:
             # the rest quotes the worker's bytes.
-            what = exc.message.splitlines()[0].rstrip(":") if exc.message else "unparsable"
+            what = str(exc.message).partition("\n")[0][:_MAX_MESSAGE].rstrip(":") or "unparsable"
             raise BadAnswer(f"worker {worker} answered malformed HTTP ({what})") from exc
         except aiohttp.ClientError as exc:
             if answered:
