@@ -277,6 +277,12 @@ FAULTS = {
         "http_503",
         counted=False,
     ),
+    "503_bare": Fault(  # no Retry-After: a proxy before a dead worker says this too
+        sends("503 Service Unavailable", b"<html>no upstream</html>"),
+        502,
+        ": HTTP 503",
+        "http_503",
+    ),
 }
 
 
