@@ -25,6 +25,11 @@ the whole gateway costs a request), and the ways an answer goes wrong between a 
 and the gateway (an error page, a missing field, text or the other format, a body cut
 short, garbage) do not leave both ends of the right image format intact.
 
+The alphabet pass is the one cost worth paying beyond the ends: a worker that writes
+base64url (`-`, `_`) or wraps its lines, or a proxy that mangles the middle, can leave
+both ends decodable (a PNG's base64 starts `iVBORw0KGgo` either way), and the image
+would then fail in the client's decoder.
+
 Cost: one pass of `translate` over the image string (about 0.5 ns a byte) and a few
 small slices: about 80 us on a 150 KB answer, against about 680 us for `json.loads` +
 `b64decode` of the same body (`python -m bench.overhead --check-only`, bench/README.md).

@@ -121,3 +121,13 @@ def test_a_long_body_cut_short_fails_at_its_end() -> None:
         "with a JPEG cut short (no end-of-image marker)"
     )
     assert problem(whole[:-2], "jpeg") is not None  # the JSON itself cut short
+
+
+def test_base64url_is_refused_even_when_both_ends_decode() -> None:
+    encoded = base64.urlsafe_b64encode(image_bytes("raw", side=16))
+    ends = encoded[:12] + encoded[-24:]
+    assert b"-" not in ends, "the case needs clean ends"
+    assert b"_" not in ends, "the case needs clean ends"
+    said = problem(b'{"image":"' + encoded + b'"}', "raw")
+    assert said is not None
+    assert said.startswith("with an image that is not base64 (it holds "), said
