@@ -1,6 +1,8 @@
 """What the gateway costs on the miss path: the same upstream, direct and through it.
 
     python -m bench.overhead [--upstream static|sim] [--duration 5] [--auth]
+                             [--baseline DIR] [--rounds N]
+    python -m bench.overhead --check-only
 
 Starts an upstream on loopback (a static responder that costs almost no CPU, or the
 sim worker with zero delay), the real gateway under uvicorn in front of it, then loads
@@ -12,6 +14,18 @@ shares the load core with the upstream, so gateway/direct ratios stay comparable
 absolute figures are lower). `--auth` gives the gateway an `auth` section and sends
 every request with its key, to price authentication (no rate limit: one key, one
 hash, one lookup, one in-flight count).
+
+The answer is a real JPEG (640x640: 149 KB in base64), so the gateway's answer check
+(`gateway.answers`) runs on every request as it would on a GPU worker's answer.
+Every run also times the answer check (`gateway.answers.problem`) on the same response
+body, against what a full check would cost (json.loads + a strict base64 decode);
+`--check-only` prints just that.
+
+`--baseline DIR` prices a change in one run: DIR is another checkout of the gateway
+(`git worktree add /tmp/old <commit>`), served by a second gateway process on the
+same core, loaded in turn with this one for `--rounds` rounds (the medians are
+reported). Besides req/s, each gateway's CPU time per request is read from
+/proc/<pid>/stat: it moves far less than throughput when other jobs share the cores.
 """
 
 from __future__ import annotations
@@ -28,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import timeit
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,6 +50,7 @@ from pathlib import Path
 
 import aiohttp
 
+from gateway.answers import problem
 from gateway.auth import hash_key
 from gateway.cli import free_port
 from gateway.schema import ImageGenerationBody
@@ -58,6 +74,14 @@ class Result:
     rps: float
     p50_ms: float
     p99_ms: float
+    requests: int = 0
+    cpu_us: float | None = None  # the serving process's CPU time per request
+
+
+@dataclass
+class Target:
+    url: str
+    pid: int | None = None  # a gateway's process, for its CPU time
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -66,28 +90,40 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per run")
     parser.add_argument("--size", type=int, default=640, help="image side (640: ~160 KB)")
     parser.add_argument("--auth", action="store_true", help="API keys on, one key sent")
+    parser.add_argument("--check-only", action="store_true", help="time the answer check only")
+    parser.add_argument("--baseline", type=Path, help="another gateway checkout to compare")
+    parser.add_argument("--rounds", type=int, default=1, help="gateway/baseline rounds")
     args = parser.parse_args(argv)
+    if args.check_only:
+        report_check(image_response(args.size))
+        return
     headers = {"Content-Type": "application/json", "Cache-Control": NO_STORE}
     if args.auth:
         headers["Authorization"] = f"Bearer {BENCH_KEY}"
     with (
         tempfile.TemporaryDirectory() as tmp,
-        servers(args.upstream, args.size, Path(tmp), auth=args.auth) as urls,
+        servers(args.upstream, args.size, Path(tmp), auth=args.auth, baseline=args.baseline) as t,
     ):
-        direct, gateway = urls
-        results = {}
-        for name, url in (("direct", direct), ("gateway", gateway)):
-            for conc in (1, 16):
-                results[name, conc] = load(url + PATH, conc, args.duration, headers)
-    report(results, args)
+        runs: dict[tuple[str, int], list[Result]] = {}
+        for round_ in range(args.rounds):
+            for name, target in t.items():
+                if name == "direct" and round_:
+                    continue  # the upstream alone does not change between rounds
+                for conc in (1, 16):
+                    result = load(target, conc, args.duration, headers)
+                    runs.setdefault((name, conc), []).append(result)
+    report({key: _median(results) for key, results in runs.items()}, args)
 
 
 @contextmanager
-def servers(upstream: str, size: int, tmp: Path, *, auth: bool) -> Iterator[tuple[str, str]]:
+def servers(
+    upstream: str, size: int, tmp: Path, *, auth: bool, baseline: Path | None
+) -> Iterator[dict[str, Target]]:
+    """direct (the upstream), gateway (this checkout) and baseline (`baseline`'s)."""
     cores = os.cpu_count() or 1
     gateway_cpu = ["taskset", "-c", "0"] if cores >= 2 and shutil.which("taskset") else []
     other_cpu = ["taskset", "-c", f"1-{cores - 1}"] if gateway_cpu else []
-    up_port, gw_port = free_port(), free_port()
+    up_port = free_port()
     if upstream == "static":
         body_file = tmp / "response.json"
         body_file.write_bytes(image_response(size))
@@ -124,11 +160,17 @@ def servers(upstream: str, size: int, tmp: Path, *, auth: bool) -> Iterator[tupl
     procs = []
     try:
         procs.append(subprocess.Popen([*other_cpu, *up_cmd, "--port", str(up_port)]))
-        procs.append(subprocess.Popen([*gateway_cpu, *gw_cmd, "--port", str(gw_port)]))
-        direct, gateway = f"http://127.0.0.1:{up_port}", f"http://127.0.0.1:{gw_port}"
-        wait_healthy(direct, proc=procs[0], path="/health")
-        wait_healthy(gateway, proc=procs[1], path="/healthz")
-        yield direct, gateway
+        targets = {"direct": Target(f"http://127.0.0.1:{up_port}")}
+        wait_healthy(targets["direct"].url, proc=procs[0], path="/health")
+        trees = {"gateway": None, "baseline": baseline} if baseline else {"gateway": None}
+        for name, tree in trees.items():
+            port = free_port()
+            env = {**os.environ, "PYTHONPATH": str(tree.resolve())} if tree else None
+            cmd = [*gateway_cpu, *gw_cmd, "--port", str(port)]
+            procs.append(subprocess.Popen(cmd, env=env, cwd=tree))
+            targets[name] = Target(f"http://127.0.0.1:{port}", procs[-1].pid)
+            wait_healthy(targets[name].url, proc=procs[-1], path="/healthz")
+        yield targets
     finally:
         for proc in procs:
             stop(proc)
@@ -144,10 +186,62 @@ def image_response(size: int) -> bytes:
     return b'{"image":"' + base64.b64encode(render(body, size)) + b'"}'
 
 
-def load(url: str, concurrency: int, duration: float, headers: Mapping[str, str]) -> Result:
+def check_cost_us(body: bytes) -> tuple[float, float]:
+    """Microseconds per call: the gateway's answer check, and a full parse and decode."""
+
+    def full() -> None:
+        base64.b64decode(json.loads(body)["image"], validate=True)
+
+    assert problem(body, "jpeg") is None, "the bench's answer must pass the check"
+    times = {}
+    for name, call in (("check", lambda: problem(body, "jpeg")), ("full", full)):
+        number = 200
+        best = min(timeit.repeat(call, number=number, repeat=5))  # the least disturbed
+        times[name] = best / number * 1e6
+    return times["check"], times["full"]
+
+
+def report_check(body: bytes) -> None:
+    check, full = check_cost_us(body)
+    print(
+        f"answer check on a {len(body) / 1000:.0f} KB answer: {check:.0f} us a call; "
+        f"json.loads + b64decode: {full:.0f} us ({check / full:.2f}x)"
+    )
+
+
+def load(target: Target, concurrency: int, duration: float, headers: Mapping[str, str]) -> Result:
+    url = target.url + PATH
+    cpu_before = _cpu_s(target.pid)
     if shutil.which("wrk"):
-        return load_wrk(url, concurrency, duration, headers)
-    return asyncio.run(load_aiohttp(url, concurrency, duration, headers))
+        result = load_wrk(url, concurrency, duration, headers)
+    else:
+        result = asyncio.run(load_aiohttp(url, concurrency, duration, headers))
+    cpu_after = _cpu_s(target.pid)
+    if cpu_before is not None and cpu_after is not None and result.requests:
+        result.cpu_us = (cpu_after - cpu_before) / result.requests * 1e6
+    return result
+
+
+def _cpu_s(pid: int | None) -> float | None:
+    """User + system CPU seconds of process `pid` so far (Linux), else None."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _median(results: Sequence[Result]) -> Result:
+    cpus = [r.cpu_us for r in results if r.cpu_us is not None]
+    return Result(
+        rps=statistics.median(r.rps for r in results),
+        p50_ms=statistics.median(r.p50_ms for r in results),
+        p99_ms=statistics.median(r.p99_ms for r in results),
+        requests=sum(r.requests for r in results),
+        cpu_us=statistics.median(cpus) if cpus else None,
+    )
 
 
 def load_wrk(url: str, concurrency: int, duration: float, headers: Mapping[str, str]) -> Result:
@@ -184,6 +278,7 @@ def load_wrk(url: str, concurrency: int, duration: float, headers: Mapping[str, 
         rps=float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
         p50_ms=_wrk_ms(out, "50%"),
         p99_ms=_wrk_ms(out, "99%"),
+        requests=int(re.search(r"(\d+) requests in", out).group(1)),  # type: ignore[union-attr]
     )
 
 
@@ -216,7 +311,7 @@ async def load_aiohttp(
         await asyncio.gather(*(client() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
     cuts = statistics.quantiles(latencies, n=100)
-    return Result(len(latencies) / elapsed, cuts[49] * 1000, cuts[98] * 1000)
+    return Result(len(latencies) / elapsed, cuts[49] * 1000, cuts[98] * 1000, len(latencies))
 
 
 def report(results: dict[tuple[str, int], Result], args: argparse.Namespace) -> None:
@@ -227,9 +322,10 @@ def report(results: dict[tuple[str, int], Result], args: argparse.Namespace) -> 
         f"auth={'on' if args.auth else 'off'}  "
         f"duration={args.duration}s per run\n"
     )
-    print(f"{'target':<8} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
+    print(f"{'target':<8} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'cpu us/req':>10}")
     for (name, conc), r in results.items():
-        print(f"{name:<8} {conc:>4} {r.rps:>9.0f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f}")
+        cpu = "" if r.cpu_us is None else f"{r.cpu_us:.0f}"
+        print(f"{name:<8} {conc:>4} {r.rps:>9.0f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} {cpu:>10}")
     d1, g1 = results["direct", 1], results["gateway", 1]
     d16, g16 = results["direct", 16], results["gateway", 16]
     print(
@@ -241,6 +337,19 @@ def report(results: dict[tuple[str, int], Result], args: argparse.Namespace) -> 
         f"added p50 at c=1: {g1.p50_ms - d1.p50_ms:+.2f} ms; "
         f"added p50 at c=16: {g16.p50_ms - d16.p50_ms:+.2f} ms"
     )
+    if ("baseline", 16) in results:
+        b1, b16 = results["baseline", 1], results["baseline", 16]
+        print(
+            f"gateway/baseline ({args.baseline}), medians of {args.rounds} rounds: "
+            f"throughput at c=16 {g16.rps / b16.rps:.2f}x ({g16.rps:.0f} vs {b16.rps:.0f}); "
+            f"p50 at c=1 {g1.p50_ms - b1.p50_ms:+.2f} ms; "
+            f"CPU per request at c=16 {_us(g16.cpu_us)} vs {_us(b16.cpu_us)}"
+        )
+    report_check(image_response(args.size))
+
+
+def _us(value: float | None) -> str:
+    return "?" if value is None else f"{value:.0f} us"
 
 
 if __name__ == "__main__":

@@ -49,11 +49,9 @@ def main() -> None:
     args = parser.parse_args()
     with (
         tempfile.TemporaryDirectory() as tmp,
-        servers("static", 640, Path(tmp), auth=False) as (
-            _,
-            gateway,
-        ),
+        servers("static", 640, Path(tmp), auth=False, baseline=None) as targets,
     ):
+        gateway = targets["gateway"].url
         alone = asyncio.run(normal_client(gateway + PATH, args.duration))
         ready, stop = multiprocessing.Event(), multiprocessing.Event()
         results: multiprocessing.Queue[tuple[Cuts, Cuts, int]] = multiprocessing.Queue()

@@ -1,5 +1,6 @@
 """A static responder that costs almost no CPU: the upstream for measuring the
-gateway's own overhead. Answers every POST with the same image response, keep-alive.
+gateway's own overhead. Answers every POST with the same image response, keep-alive
+(bench/overhead.py writes a real JPEG's: the gateway checks it like any answer).
 
     python -m bench.static_upstream --port P --body-file response.json
 """

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from gateway.errors import (
+    BadAnswer,
     Overloaded,
     RequestError,
     UpstreamError,
@@ -59,7 +60,8 @@ from gateway.registry import PoolSpec, Registry, WorkerSpec
 
 Clock = Callable[[], float]
 # What a finished try says about its worker: "answered" is a 4xx (the input was bad,
-# the worker is fine), "busy" a 429 (no verdict), "cancelled" no verdict either.
+# the worker is fine), "busy" a 429 or a 503 with Retry-After (no verdict),
+# "cancelled" no verdict either; "failed" includes a 200 without an image.
 Outcome = Literal["ok", "answered", "failed", "busy", "cancelled"]
 
 AFFINITY_WINDOW = 4  # how many waiters behind one may claim a slot for affinity
@@ -460,7 +462,7 @@ def _ewma(old: float | None, new: float) -> float:
     return new if old is None else old + _EWMA * (new - old)
 
 
-RetryCause = Literal["connect", "refused", "5xx", "timeout", "truncated"]
+RetryCause = Literal["connect", "refused", "5xx", "timeout", "truncated", "bad_answer"]
 
 
 def retry_cause(exc: UpstreamError) -> RetryCause | None:
@@ -471,6 +473,8 @@ def retry_cause(exc: UpstreamError) -> RetryCause | None:
         return "connect"
     if isinstance(exc, UpstreamTimeout):
         return "timeout"
+    if isinstance(exc, BadAnswer):
+        return "bad_answer"  # too_large as well: the worker ran the job and failed it
     if isinstance(exc, WorkerFailed):
         if exc.reason in ("http_429", "http_503", "reset"):
             return "refused"
@@ -486,8 +490,8 @@ def outcome_of(exc: BaseException | None) -> Outcome:
         return "ok"
     if isinstance(exc, UpstreamRejected):
         return "answered"
-    if isinstance(exc, WorkerFailed) and exc.reason == "http_429":
-        return "busy"
+    if isinstance(exc, WorkerFailed) and exc.busy:
+        return "busy"  # a 429, or a 503 with Retry-After
     if isinstance(exc, UpstreamError):
         return "failed"
     return "cancelled"  # the client left, or the gateway broke: no verdict on the worker

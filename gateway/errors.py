@@ -23,7 +23,9 @@
         └── UpstreamError      502     no worker produced an image (`reason` says why)
             ├── WorkerUnreachable 502  connect refused or timed out: never saw the job
             ├── WorkerFailed      502  answered 429/503 (not now), 5xx, or the
-            │                          connection was lost (before or during the answer)
+            │   │                      connection was lost (before or during the answer)
+            │   └── BadAnswer     502  answered 200 with no image of the format asked
+            │                          for, or more than `max_response_bytes`
             └── UpstreamTimeout   504  a try's timeout or the request's deadline ran out
 
 Which of these are retried, and where, is `gateway.balancer.retry_cause`.
@@ -204,9 +206,24 @@ class WorkerFailed(UpstreamError):
     `reason`: "http_429" or "http_503" (turned away before the job started),
     "http_5xx" (any other 5xx), "reset" (connection lost before an answer began),
     "truncated" (lost while the answer was being read).
+    `busy`: the worker said "not now" (a 429, or a 503 with Retry-After): no verdict
+    on its health, so it counts neither for nor against it.
     """
 
     reason = "status"
+
+    def __init__(self, detail: str, *, reason: str | None = None, busy: bool = False) -> None:
+        super().__init__(detail, reason=reason)
+        self.busy = busy or self.reason == "http_429"
+
+
+class BadAnswer(WorkerFailed):
+    """The worker accepted the job and answered, but not with an image: a 200 whose
+    body fails `gateway.answers.problem` ("bad_answer"), or an answer of any status
+    over the pool's `max_response_bytes` ("too_large"). Counted against the worker's
+    health like a 5xx; retried where `retry_on` names "bad_answer" (both reasons)."""
+
+    reason = "bad_answer"
 
 
 class UpstreamTimeout(UpstreamError):

@@ -5,7 +5,8 @@ try's outcome; `consecutive_failures` connection errors, 5xx or timeouts in a ro
 eject a worker for `base_ejection_s` x (times ejected), capped at `max_ejection_s`.
 Never more than `max_ejection_percent` of a pool is out at once: a worker that
 reaches the threshold while the cap is full stays in, marked UNKNOWN, and is probed.
-A 4xx is the client's input and counts as an answer; a 429 is "busy" and counts not.
+A 4xx is the client's input and counts as an answer; a 429, or a 503 with
+Retry-After, is "busy" and counts not; a 200 without an image counts as a failure.
 
 Active: `gateway.prober.Prober` probes every worker that is not known good (ejected,
 down, new, or failing but kept in by the cap) on its protocol's health path every

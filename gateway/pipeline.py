@@ -160,6 +160,8 @@ class Pipeline:
                             worker=worker.name,
                             timeout=timeout,
                             headers=headers,
+                            response_format=job.response_format,
+                            max_bytes=pool.spec.max_response_bytes,
                         )
                     except UpstreamError as exc:
                         trace.upstream_s += self.metrics.observe_try(

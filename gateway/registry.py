@@ -146,7 +146,7 @@ class WorkerSpec(_Frozen):
     adapters: tuple[Name, ...] = ()  # LoRA adapters already loaded at start (warm)
 
 
-RetryOn = Literal["5xx", "timeout", "truncated"]
+RetryOn = Literal["5xx", "timeout", "truncated", "bad_answer"]
 
 
 class HealthSpec(_Frozen):
@@ -213,17 +213,20 @@ class PoolSpec(_Frozen):
     adapter_load_s: Annotated[float, Field(ge=0, le=600)] = 1.0
     # Retries go to another worker. Failures before a worker accepted the job
     # (connect error, reset before a response, 429, 503) are retried up to
-    # max_retries; failures after it (500/502/504, a timeout, a cut-off body) only
-    # when listed in retry_on, and at most max_accepted_retries times: a GPU
-    # generation is expensive.
+    # max_retries; failures after it (500/502/504, a timeout, a cut-off body, a 200
+    # without an image or over max_response_bytes: "bad_answer") only when listed in
+    # retry_on, and at most max_accepted_retries times: a GPU generation is expensive.
     max_retries: Annotated[int, Field(ge=0, le=10)] = 2
-    retry_on: tuple[RetryOn, ...] = ("5xx", "timeout", "truncated")
+    retry_on: tuple[RetryOn, ...] = ("5xx", "timeout", "truncated", "bad_answer")
     max_accepted_retries: Annotated[int, Field(ge=0, le=10)] = 1
     # Envoy's retry budget: retries in progress at most this share of the pool's
     # active requests, but always at least retry_budget_min.
     retry_budget_percent: Annotated[float, Field(ge=0, le=100)] = 20.0
     retry_budget_min: Annotated[int, Field(ge=0, le=1000)] = 3
     health: HealthSpec = HealthSpec()
+    # The most a worker's answer may weigh: a 1024px PNG in base64 is ~2 MB; more is
+    # a broken worker, refused before it fills the gateway's memory.
+    max_response_bytes: Annotated[int, Field(ge=1024, le=2**30)] = 32 * 2**20
     # The pool's own credentials for its workers (`Authorization: "Bearer ${TOKEN}"`),
     # sent with every request to them; kept out of repr so no log line shows them.
     headers: Mapping[HeaderName, HeaderValue] = Field(default_factory=dict, repr=False)

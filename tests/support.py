@@ -7,7 +7,10 @@ Every server here listens on 127.0.0.1 on a free port and is stopped by its owne
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import functools
+import io
 import json
 import random
 import shutil
@@ -28,6 +31,7 @@ import redis
 import uvicorn
 import yaml
 from aiohttp import web
+from PIL import Image
 from starlette.applications import Starlette
 
 from gateway.app import create_app
@@ -43,7 +47,7 @@ from gateway.prober import Prober
 from gateway.protocols import open_worker_session
 from gateway.registry import CacheSpec, Registry, load_registry, parse_registry
 from gateway.reload import RegistryFile
-from gateway.schema import ImageGenerationBody
+from gateway.schema import ImageGenerationBody, ResponseFormat
 from gateway.simworker import spawn, stop, wait_healthy
 from gateway.state import served_of
 
@@ -320,9 +324,38 @@ async def scripted_workers(*handlers: Handler) -> AsyncIterator[list[ScriptedWor
         yield [await stack.enter_async_context(scripted_worker(h)) for h in handlers]
 
 
-def image_ok(payload: bytes = b'{"image":"aGVsbG8="}') -> Handler:
+@functools.cache
+def image_bytes(response_format: ResponseFormat = "jpeg", *, side: int = 8) -> bytes:
+    """A real image, `side` pixels square, of seeded noise (so it hardly compresses):
+    JPEG, or PNG for `raw`. Made once per argument set."""
+    noise = random.Random(side).randbytes(side * side * 3)
+    out = io.BytesIO()
+    image = Image.frombytes("RGB", (side, side), noise)
+    image.save(out, format="PNG" if response_format == "raw" else "JPEG", quality=90)
+    return out.getvalue()
+
+
+def image_answer(response_format: ResponseFormat = "jpeg", *, side: int = 8) -> bytes:
+    """A worker's success body, `{"image": "<base64>"}`, that passes the answer check."""
+    return b'{"image":"' + base64.b64encode(image_bytes(response_format, side=side)) + b'"}'
+
+
+JPEG_ANSWER = image_answer("jpeg")
+PNG_ANSWER = image_answer("raw")
+
+
+async def answer_for(request: web.Request) -> bytes:
+    """The success body for what `request` asked: JPEG, or PNG for `raw`."""
+    asked = json.loads(await request.read()).get("response_format")
+    return PNG_ANSWER if asked == "raw" else JPEG_ANSWER
+
+
+def image_ok(payload: bytes | None = None) -> Handler:
+    """200 with `payload`; by default a valid image of the format the request asked."""
+
     async def handler(request: web.Request) -> web.StreamResponse:
-        return web.Response(body=payload, content_type="application/json")
+        answer = payload if payload is not None else await answer_for(request)
+        return web.Response(body=answer, content_type="application/json")
 
     return handler
 
@@ -330,7 +363,7 @@ def image_ok(payload: bytes = b'{"image":"aGVsbG8="}') -> Handler:
 def sleeps(seconds: float) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
         await asyncio.sleep(seconds)
-        return web.Response(body=b'{"image":""}', content_type="application/json")
+        return web.Response(body=await answer_for(request), content_type="application/json")
 
     return handler
 
@@ -342,12 +375,14 @@ def answers(status: int, text: str) -> Handler:
     return handler
 
 
-def held(release: asyncio.Event, payload: bytes = b'{"image":"aGVsbG8="}') -> Handler:
-    """Answers only once the test sets `release`: a worker busy for as long as needed."""
+def held(release: asyncio.Event, payload: bytes | None = None) -> Handler:
+    """Answers only once the test sets `release`: a worker busy for as long as needed.
+    `payload` as for `image_ok`."""
 
     async def handler(request: web.Request) -> web.StreamResponse:
         await release.wait()
-        return web.Response(body=payload, content_type="application/json")
+        answer = payload if payload is not None else await answer_for(request)
+        return web.Response(body=answer, content_type="application/json")
 
     return handler
 

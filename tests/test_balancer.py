@@ -10,6 +10,7 @@ import pytest
 
 from gateway.balancer import Balancer, Pool, Ticket, Worker, outcome_of, retry_cause
 from gateway.errors import (
+    BadAnswer,
     Overloaded,
     UpstreamError,
     UpstreamRejected,
@@ -288,6 +289,8 @@ def test_base_model_requests_never_make_others_step_aside() -> None:
         (WorkerFailed("w: lost", reason="reset"), "refused"),
         (WorkerFailed("w: 500", reason="http_5xx"), "5xx"),
         (WorkerFailed("w: cut", reason="truncated"), "truncated"),
+        (BadAnswer("w answered 200 without an image"), "bad_answer"),
+        (BadAnswer("w answered 200 with 40000000 bytes", reason="too_large"), "bad_answer"),
         (UpstreamTimeout("w: slow"), "timeout"),
         (UpstreamError("other"), None),
     ],
@@ -301,6 +304,9 @@ def test_outcomes_for_health() -> None:
     assert outcome_of(UpstreamRejected(400, "bad prompt")) == "answered"
     assert outcome_of(WorkerFailed("w: 429", reason="http_429")) == "busy"
     assert outcome_of(WorkerFailed("w: 500", reason="http_5xx")) == "failed"
+    assert outcome_of(WorkerFailed("w: 503", reason="http_503", busy=True)) == "busy"
+    assert outcome_of(WorkerFailed("w: 503", reason="http_503")) == "failed"  # no Retry-After
+    assert outcome_of(BadAnswer("w answered 200 without an image")) == "failed"
     assert outcome_of(asyncio.CancelledError()) == "cancelled"
 
 

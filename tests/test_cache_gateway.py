@@ -24,6 +24,7 @@ from tests.support import (
     gateway_client,
     gateway_process,
     generations,
+    image_answer,
     image_ok,
     make_registry,
     redis_cache,
@@ -158,7 +159,7 @@ async def test_a_disabled_cache_says_bypass_and_stores_nothing(
             assert (await post(client, seed=6)).headers["x-cache"] == "bypass"
 
 
-BIG = b'{"image":"' + b"A" * 300_000 + b'"}'  # about 300 KB, like a 1024px JPEG in base64
+BIG = image_answer("jpeg", side=500)  # about 300 KB, like a 1024px JPEG in base64
 
 
 async def test_a_tiny_redis_with_allkeys_lru_evicts_and_keeps_serving() -> None:

@@ -9,12 +9,12 @@ from gateway.health import State, WorkerHealth, ejection_allowed
 from gateway.registry import HealthSpec
 from tests.support import (
     FakeClock,
-    answers,
     body,
     dead_url,
     eventually,
     gateway,
     generate,
+    image_ok,
     local_pipeline,
     make_registry,
     request,
@@ -136,8 +136,8 @@ async def test_the_cap_keeps_one_worker_in_until_its_probe_says_it_is_down() -> 
 
 async def test_a_pool_without_a_healthy_worker_is_unready_alone() -> None:
     async with (
-        scripted_worker(answers(200, '{"image":""}')) as up,
-        scripted_worker(answers(200, '{"image":""}')) as flaky,
+        scripted_worker(image_ok()) as up,
+        scripted_worker(image_ok()) as flaky,
     ):
         flaky.healthy = False
         adapters: list[dict[str, Any]] = [

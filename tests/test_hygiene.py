@@ -18,6 +18,7 @@ from gateway.cli import free_port, main
 from gateway.errors import ConfigError
 from gateway.registry import parse_registry
 from tests.support import (
+    JPEG_ANSWER,
     Handler,
     api_key,
     bearer,
@@ -99,7 +100,7 @@ def _image_with_headers() -> Handler:
     """A worker answering 200 with every header a client must never see."""
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        resp = web.Response(body=b'{"image":"aGVsbG8="}', content_type="application/json")
+        resp = web.Response(body=JPEG_ANSWER, content_type="application/json")
         resp.headers.update(
             {
                 "Connection": "X-Internal",

@@ -35,14 +35,14 @@ LAYERS: dict[str, int] = {
     "gateway.errors": 1,
     "gateway.logs": 1,
     "gateway.schema": 1,
-    # 2: the registry's schema and parsing; metric definitions; one worker protocol;
+    # 2: the registry's schema and parsing; metric definitions; the answer check;
     # the simulated worker
     "gateway.registry": 2,
     "gateway.metrics": 2,
-    "gateway.protocols.friendli_container": 2,
+    "gateway.answers": 2,  # is a worker's answer an image: on the schema's formats
     "gateway.simworker": 2,
     # 3: what each concern needs at run time, on the registry and the metrics
-    "gateway.protocols": 3,
+    "gateway.protocols.friendli_container": 3,  # a worker protocol: errors, answers
     "gateway.health": 3,
     "gateway.auth": 3,
     "gateway.cache": 3,
@@ -53,7 +53,8 @@ LAYERS: dict[str, int] = {
     "gateway.middleware": 3,
     "gateway.server": 3,  # the HTTP server's protocol class, bounded by the registry's limits
     "gateway.settings": 3,  # the environment, read once; applied over a registry
-    # 4: the balancer (on the health state); coalescing (on the cache)
+    # 4: the balancer (on the health state); coalescing (on the cache); the protocols
+    "gateway.protocols": 4,
     "gateway.balancer": 4,
     "gateway.coalesce": 4,
     # 5: what drives the balancer: the request pipeline, probes, DNS discovery

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from gateway.state import served_of
 from tests.support import (
+    JPEG_ANSWER,
     Handler,
     ScriptedWorker,
     answers,
@@ -51,7 +52,7 @@ async def test_worker_gets_upstream_model_and_known_fields_only() -> None:
                 headers={"authorization": "Bearer client-key", "x-request-id": "r-1"},
             )
     assert resp.status_code == 200
-    assert resp.content == b'{"image":"aGVsbG8="}'  # the worker's bytes, untouched
+    assert resp.content == JPEG_ANSWER  # the worker's bytes, untouched
     assert worker.received == [
         {
             "prompt": "a red fox",

@@ -16,6 +16,7 @@ from gateway.errors import UpstreamError
 from gateway.pipeline import Pipeline
 from gateway.state import served_of
 from tests.support import (
+    JPEG_ANSWER,
     answers,
     assert_idle,
     body,
@@ -185,7 +186,7 @@ async def test_no_slot_leaks_after_1000_mixed_successes_failures_and_cancellatio
         if roll < 0.25:
             return web.Response(status=503, text="busy")
         await asyncio.sleep(rng.choice([0, 0.001, 0.005]))
-        return web.Response(body=b'{"image":""}', content_type="application/json")
+        return web.Response(body=JPEG_ANSWER, content_type="application/json")
 
     async with scripted_workers(mixed, mixed) as workers:
         specs = [{"url": w.url, "max_concurrency": 3} for w in workers] + [dead_url()]

@@ -144,8 +144,11 @@ def test_pool_settings_have_documented_defaults_and_are_validated() -> None:
     pool = parse_registry(GOOD).pools["sdxl"]
     assert (pool.max_queue, pool.queue_timeout_s, pool.adapter_load_s) == (100, 30.0, 1.0)
     assert (pool.max_retries, pool.max_accepted_retries) == (2, 1)
-    assert pool.retry_on == ("5xx", "timeout", "truncated")
+    assert pool.retry_on == ("5xx", "timeout", "truncated", "bad_answer")
+    assert pool.max_response_bytes == 32 * 2**20
     assert pool.health.consecutive_failures == 5
+    with pytest.raises(ConfigError, match=r"pools\.sdxl\.max_response_bytes"):
+        parse_registry(edit("    protocol: friendli-container\n", "    max_response_bytes: 10\n"))
     with pytest.raises(ConfigError, match=r"pools\.sdxl\.retry_on\.0"):
         parse_registry(edit("    protocol: friendli-container\n", "    retry_on: [4xx]\n"))
     with pytest.raises(ConfigError, match=r"pools\.sdxl\.health\.healthy_threshold"):

@@ -1,8 +1,10 @@
 """Worker protocols: how the gateway talks to one kind of GPU worker.
 
 A protocol turns a `WorkerRequest` into an HTTP exchange with one worker and its
-answer into image-response bytes or a `gateway.errors.UpstreamError`. It knows
-nothing of the cache, the balancer or the client; one module per protocol.
+answer into image-response bytes or a `gateway.errors.UpstreamError`; bytes only once
+it has checked that they hold an image of the format asked for, within the pool's
+`max_response_bytes` (a 200 that fails is a `BadAnswer`). It knows nothing of the
+cache, the balancer or the client; one module per protocol.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Protocol
 import aiohttp
 
 from gateway.protocols.friendli_container import FriendliContainer
+from gateway.schema import ResponseFormat
 
 
 class WorkerProtocol(Protocol):
@@ -28,6 +31,8 @@ class WorkerProtocol(Protocol):
         worker: str,
         timeout: aiohttp.ClientTimeout,
         headers: Mapping[str, str],
+        response_format: ResponseFormat,
+        max_bytes: int,
     ) -> bytes: ...
 
     async def healthy(

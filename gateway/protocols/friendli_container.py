@@ -7,7 +7,15 @@ from collections.abc import Mapping
 
 import aiohttp
 
-from gateway.errors import UpstreamRejected, UpstreamTimeout, WorkerFailed, WorkerUnreachable
+from gateway.answers import problem
+from gateway.errors import (
+    BadAnswer,
+    UpstreamRejected,
+    UpstreamTimeout,
+    WorkerFailed,
+    WorkerUnreachable,
+)
+from gateway.schema import ResponseFormat
 
 # identity: the session does not decompress (the bytes go to the client as they came),
 # so a worker must not compress; aiohttp would otherwise offer gzip and deflate.
@@ -29,8 +37,12 @@ class FriendliContainer:
         worker: str,
         timeout: aiohttp.ClientTimeout,
         headers: Mapping[str, str],
+        response_format: ResponseFormat,
+        max_bytes: int,
     ) -> bytes:
-        """The worker's success body, untouched; every failure as an UpstreamError."""
+        """The worker's success body, untouched, once `gateway.answers` found an image
+        of `response_format` in it; every failure as an UpstreamError. An answer over
+        `max_bytes` is refused as it arrives (BadAnswer "too_large")."""
         answered = False  # a lost connection before the answer began is safe to retry
         try:
             async with session.post(
@@ -41,8 +53,12 @@ class FriendliContainer:
                 allow_redirects=False,
             ) as resp:
                 answered = True
-                body = await resp.read()
+                body = await _read(resp, max_bytes, worker)
                 status = resp.status
+                if status == 200 and (wrong := problem(body, response_format)) is not None:
+                    resp.close()  # what else it sent is not to be read as a next answer
+                    raise BadAnswer(f"worker {worker} answered 200 {wrong}")
+                busy = status == 503 and "Retry-After" in resp.headers
         except aiohttp.ConnectionTimeoutError as exc:
             raise WorkerUnreachable(f"worker {worker}: connect timed out") from exc
         except TimeoutError as exc:
@@ -50,6 +66,12 @@ class FriendliContainer:
             raise UpstreamTimeout(f"worker {worker}: no answer within {waited}") from exc
         except aiohttp.ClientConnectorError as exc:
             raise WorkerUnreachable(f"worker {worker}: connection refused") from exc
+        except aiohttp.ClientResponseError as exc:
+            # aiohttp's parser refused the answer's HTTP (e.g. more bytes than its
+            # Content-Length): the worker did answer, wrongly. The first line only:
+            # the rest quotes the worker's bytes.
+            what = str(exc.message).partition("\n")[0][:_MAX_MESSAGE].rstrip(":") or "unparsable"
+            raise BadAnswer(f"worker {worker} answered malformed HTTP ({what})") from exc
         except aiohttp.ClientError as exc:
             if answered:
                 msg = f"worker {worker}: connection lost while reading the answer"
@@ -57,7 +79,7 @@ class FriendliContainer:
             raise WorkerFailed(f"worker {worker}: connection lost", reason="reset") from exc
         if status == 200:
             return body
-        return _raise_for(status, body, worker)
+        return _raise_for(status, body, worker, busy=busy)
 
     async def healthy(
         self, session: aiohttp.ClientSession, base_url: str, *, timeout: aiohttp.ClientTimeout
@@ -73,13 +95,38 @@ class FriendliContainer:
             return False
 
 
-def _raise_for(status: int, body: bytes, worker: str) -> bytes:
+async def _read(resp: aiohttp.ClientResponse, limit: int, worker: str) -> bytes:
+    """The whole answer, at most `limit` bytes: refused before reading when its
+    Content-Length is over, else as soon as what arrived is over."""
+    length = resp.content_length
+    if length is not None:
+        if length > limit:
+            resp.close()
+            raise _too_large(resp.status, worker, f"{length} bytes", limit)
+        return await resp.read()
+    chunks, size = [], 0
+    async for chunk in resp.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            resp.close()
+            raise _too_large(resp.status, worker, f"more than {limit} bytes", limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(status: int, worker: str, size: str, limit: int) -> BadAnswer:
+    msg = f"worker {worker} answered {status} with {size}, over max_response_bytes ({limit})"
+    return BadAnswer(msg, reason="too_large")
+
+
+def _raise_for(status: int, body: bytes, worker: str, *, busy: bool) -> bytes:
     if 400 <= status < 500 and status not in (408, 429):
         raise UpstreamRejected(status, f"worker rejected the request: {_message(body)}")
     # A 5xx body may hold a traceback or internal names: it never reaches the client.
-    # 429 and 503 say "not now" before the job started, so they get their own reasons.
+    # 429 and 503 say "not now" before the job started, so they get their own reasons;
+    # a 503 that says when to come back (Retry-After) is busy, not broken.
     reason = f"http_{status}" if status in (429, 503) else f"http_{status // 100}xx"
-    raise WorkerFailed(f"worker {worker}: HTTP {status}", reason=reason)
+    raise WorkerFailed(f"worker {worker}: HTTP {status}", reason=reason, busy=busy)
 
 
 def _message(body: bytes) -> str:
