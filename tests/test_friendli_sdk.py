@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -287,6 +288,8 @@ async def test_after_its_timeout_the_sdk_resends_and_only_a_seed_saves_the_gener
         unseeded = asyncio.create_task(sdk.container.image.generate(prompt="a", server_url=url))
         await eventually(lambda: len(worker.received) >= 2, within_s=30)
         unseeded.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await unseeded
         seeds = {r["seed"] for r in worker.received}
         assert len(seeds) == len(worker.received)  # each resend: a new image
 
