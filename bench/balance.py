@@ -36,7 +36,7 @@ import statistics
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from gateway.balancer import Balancer, Pool, Ticket, Worker
 from gateway.registry import PoolSpec, Registry
@@ -305,16 +305,37 @@ def balancer_registry(policy: str) -> Registry:
     return pool_registry(warm_adapters=LOADED_MAX, adapter_load_s=adapter_load_s)
 
 
-def run_policy(policy: str, rho: float, duration_s: float, seed: int) -> tuple[Result, list[float]]:
-    """One policy at one load: the result, and each request's wait beyond its FIFO turn."""
+def simulate(
+    policy: str, rho: float, duration_s: float, seed: int
+) -> tuple[list[Job], list[Gpu], list[float]]:
+    """One policy at one load: its requests (timed), its workers, and each request's
+    wait beyond its FIFO turn (central-queue policies only)."""
     jobs = workload(rho, duration_s, seed)
     if policy in PUSH:
-        workers, beyond = run_push(jobs, PUSH[policy](), seed), []
-    else:
-        load_s = 0.0 if policy == "ideal central queue" else LOAD_S
-        run = run_pool(jobs, balancer_registry(policy), seed, load_s=load_s)
-        workers, beyond = run.workers, run.beyond_fifo_s
+        return jobs, run_push(jobs, PUSH[policy](), seed), []
+    load_s = 0.0 if policy == "ideal central queue" else LOAD_S
+    run = run_pool(jobs, balancer_registry(policy), seed, load_s=load_s)
+    return jobs, run.workers, run.beyond_fifo_s
+
+
+def run_policy(policy: str, rho: float, duration_s: float, seed: int) -> tuple[Result, list[float]]:
+    """One policy at one load: the result, and each request's wait beyond its FIFO turn."""
+    jobs, workers, beyond = simulate(policy, rho, duration_s, seed)
     return measure(policy, rho, jobs, workers, duration_s), beyond
+
+
+def run_seeds(policy: str, rho: float, duration_s: float, seeds: Sequence[int]) -> Result:
+    """One policy at one load over several seeded runs, measured as one: percentiles
+    over all their requests (each run's warm-up left out), loads per 1,000 of them,
+    throughput per run, backlog of all runs together."""
+    jobs: list[Job] = []
+    workers: list[Gpu] = []
+    for seed in seeds:
+        more_jobs, more_workers, _ = simulate(policy, rho, duration_s, seed)
+        jobs += more_jobs
+        workers += more_workers
+    result = measure(policy, rho, jobs, workers, duration_s)
+    return replace(result, throughput=result.throughput / len(seeds))
 
 
 # -- the report -----------------------------------------------------------------------

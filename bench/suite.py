@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -46,6 +47,7 @@ def checkout(rev: str) -> Iterator[Path]:
         subprocess.run(
             ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(where)], check=False
         )
+        shutil.rmtree(where.parent, ignore_errors=True)  # the mkdtemp directory around it
 
 
 def run_suite(tree: Path, pytest_args: Sequence[str]) -> dict[str, float]:
