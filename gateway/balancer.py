@@ -45,16 +45,8 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
-from gateway.errors import (
-    BadAnswer,
-    Overloaded,
-    RequestError,
-    UpstreamError,
-    UpstreamRejected,
-    UpstreamTimeout,
-    WorkerFailed,
-    WorkerUnreachable,
-)
+from gateway.causes import Cause, Stage
+from gateway.errors import Overloaded, RequestError, UpstreamError
 from gateway.health import WorkerHealth
 from gateway.registry import PoolSpec, Registry, WorkerSpec
 
@@ -227,10 +219,10 @@ class Pool:
 
     def submit(self, ticket: Ticket) -> None:
         """Queue `ticket` and serve the queue; it may be granted before this returns.
-        Raises Overloaded when the queue is full, WorkerUnreachable when no worker it
+        Raises Overloaded when the queue is full, UpstreamError (NO_WORKER) when no worker it
         may use is in service."""
         if not self.can_serve(ticket.exclude):
-            raise WorkerUnreachable(f"pool {self.name!r} has no healthy worker")
+            raise no_healthy_worker(self.name)
         ticket.queued_at = self.clock()
         (self.queue.appendleft if ticket.retry else self.queue.append)(ticket)
         self.dispatch()
@@ -429,7 +421,7 @@ class Pool:
         fail at once (502, not a wait for the queue timeout); the rest are served."""
         for ticket in [t for t in self.queue if not self.can_serve(t.exclude)]:
             self.queue.remove(ticket)
-            self._fail(ticket, WorkerUnreachable(f"pool {self.name!r} has no healthy worker"))
+            self._fail(ticket, no_healthy_worker(self.name))
         self.dispatch()
 
     # -- the async layer ------------------------------------------------------------
@@ -462,38 +454,17 @@ def _ewma(old: float | None, new: float) -> float:
     return new if old is None else old + _EWMA * (new - old)
 
 
-RetryCause = Literal["connect", "refused", "5xx", "timeout", "truncated", "bad_answer"]
-
-
-def retry_cause(exc: UpstreamError) -> RetryCause | None:
-    """Why a failed try might be retried elsewhere. "connect" and "refused" happened
-    before the worker accepted the job (it never ran); the others after (it may have
-    run: retried only where the pool's `retry_on` names them)."""
-    if isinstance(exc, WorkerUnreachable):
-        return "connect"
-    if isinstance(exc, UpstreamTimeout):
-        return "timeout"
-    if isinstance(exc, BadAnswer):
-        return "bad_answer"  # too_large as well: the worker ran the job and failed it
-    if isinstance(exc, WorkerFailed):
-        if exc.reason in ("http_429", "http_503", "reset"):
-            return "refused"
-        if exc.reason == "http_5xx":
-            return "5xx"
-        if exc.reason == "truncated":
-            return "truncated"
-    return None
+def no_healthy_worker(pool: str) -> UpstreamError:
+    return UpstreamError(Cause.NO_WORKER, f"pool {pool!r}")
 
 
 def outcome_of(exc: BaseException | None) -> Outcome:
+    """What a try's ending says of its worker: the cause's verdict, for a failure."""
     if exc is None:
         return "ok"
-    if isinstance(exc, UpstreamRejected):
-        return "answered"
-    if isinstance(exc, WorkerFailed) and exc.busy:
-        return "busy"  # a 429, or a 503 with Retry-After
-    if isinstance(exc, UpstreamError):
-        return "failed"
+    cause = getattr(exc, "cause", None)  # UpstreamError and UpstreamRejected carry one
+    if isinstance(cause, Cause) and cause.verdict != "none":
+        return cause.verdict
     return "cancelled"  # the client left, or the gateway broke: no verdict on the worker
 
 
@@ -549,15 +520,14 @@ class Attempt:
         if self._ticket is not None:
             self.pool.release(self._ticket, outcome_of(exc))
         self.end_retry()
-        cause = retry_cause(exc)
-        if cause is None or not self._may_retry(cause):
+        cause = exc.cause
+        if not self._may_retry(cause):
             raise exc
         self.retries += 1
         self.pool.stats.retries += 1
-        if cause not in ("connect", "refused"):
+        if cause.stage is Stage.ACCEPTED:
             self.accepted_retries += 1
-        # A refused connection cost no worker anything: only other retries are budgeted.
-        if cause != "connect":
+        if cause.budgeted:
             self._budgeted = True
             self.pool.active_retries += 1
             self.pool.stats.retries_peak = max(
@@ -569,17 +539,20 @@ class Attempt:
             self._budgeted = False
             self.pool.active_retries -= 1
 
-    def _may_retry(self, cause: RetryCause) -> bool:
+    def _may_retry(self, cause: Cause) -> bool:
         spec, pool = self.pool.spec, self.pool
+        if cause.stage is Stage.FINAL:
+            return False
         if self.retries >= spec.max_retries or pool.clock() >= self.deadline:
             return False
         if not pool.can_serve(self.tried):
             return False  # every worker in service was tried
-        if cause not in ("connect", "refused") and (
-            cause not in spec.retry_on or self.accepted_retries >= spec.max_accepted_retries
+        if cause.stage is Stage.ACCEPTED and (
+            cause.retry_on not in spec.retry_on
+            or self.accepted_retries >= spec.max_accepted_retries
         ):
             return False
-        if cause != "connect" and not pool.retry_allowed():
+        if cause.budgeted and not pool.retry_allowed():
             pool.stats.retries_denied += 1
             return False
         return True
@@ -624,7 +597,8 @@ class Attempt:
     def _timed_out(self) -> RequestError:
         pool = self.pool
         if pool.clock() >= self.deadline:
-            return UpstreamTimeout(f"pool {pool.name!r}: no worker within {pool.spec.timeout_s}s")
+            what = f"no worker within {pool.spec.timeout_s:g}s"
+            return UpstreamError(Cause.DEADLINE, f"pool {pool.name!r}", what)
         pool.stats.rejected_timeout += 1
         msg = (
             f"pool {pool.name!r} is overloaded: no free worker within {pool.spec.queue_timeout_s}s"

@@ -20,15 +20,9 @@
         │   ├── RateLimited    429     the key is over its rate or `max_concurrent`
         │   └── Overloaded     503     no capacity now (a pool, or the connection cap)
         ├── UpstreamRejected   4xx     a worker refused the request's input
-        └── UpstreamError      502     no worker produced an image (`reason` says why)
-            ├── WorkerUnreachable 502  connect refused or timed out: never saw the job
-            ├── WorkerFailed      502  answered 429/503 (not now), 5xx, or the
-            │   │                      connection was lost (before or during the answer)
-            │   └── BadAnswer     502  answered 200 with no image of the format asked
-            │                          for, or more than `max_response_bytes`
-            └── UpstreamTimeout   504  a try's timeout or the request's deadline ran out
-
-Which of these are retried, and where, is `gateway.balancer.retry_cause`.
+        └── UpstreamError   502/504    no worker produced an image: its `cause`
+                                       (gateway.causes.Cause) says why, and from it come
+                                       the status, retries, health and metric label
 
 Foreign exceptions (aiohttp, redis, pydantic, OSError) are translated where they are caught,
 with `raise ... from exc`; `error_response` is the single table from error to HTTP.
@@ -45,6 +39,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ExceptionHandler
+
+from gateway.causes import Cause
 
 
 class GatewayError(Exception):
@@ -177,58 +173,27 @@ class Overloaded(RetryLater):
 class UpstreamRejected(RequestError):
     """A worker answered 4xx: the client's input, passed through with its status."""
 
+    cause = Cause.REJECTED
+
     def __init__(self, status_code: int, detail: str) -> None:
         super().__init__(detail)
         self.status_code = status_code
 
 
 class UpstreamError(RequestError):
-    """No image from a worker. `reason` is a bounded word for metrics and logs."""
+    """No image from a worker, or from a pool (none healthy, none in time). `where` names
+    it ("worker sdxl-0", "pool 'sdxl'"); `what` tells what happened, else the cause's
+    own words. Everything else is the `cause`'s."""
 
-    status_code = 502
-    reason = "error"
+    def __init__(self, cause: Cause, where: str, what: str | None = None) -> None:
+        super().__init__(f"{where}: {what or cause.says}")
+        self.cause = cause
+        self.status_code = cause.status
 
-    def __init__(self, detail: str, *, reason: str | None = None) -> None:
-        super().__init__(detail)
-        if reason is not None:
-            self.reason = reason
-
-
-class WorkerUnreachable(UpstreamError):
-    """The worker never saw the request (connect refused or timed out): safe to retry."""
-
-    reason = "connect"
-
-
-class WorkerFailed(UpstreamError):
-    """The worker answered 5xx or 429, or dropped the connection mid-request.
-
-    `reason`: "http_429" or "http_503" (turned away before the job started),
-    "http_5xx" (any other 5xx), "reset" (connection lost before an answer began),
-    "truncated" (lost while the answer was being read).
-    `busy`: the worker said "not now" (a 429, or a 503 with Retry-After): no verdict
-    on its health, so it counts neither for nor against it.
-    """
-
-    reason = "status"
-
-    def __init__(self, detail: str, *, reason: str | None = None, busy: bool = False) -> None:
-        super().__init__(detail, reason=reason)
-        self.busy = busy or self.reason == "http_429"
-
-
-class BadAnswer(WorkerFailed):
-    """The worker accepted the job and answered, but not with an image: a 200 whose
-    body fails `gateway.answers.problem` ("bad_answer"), or an answer of any status
-    over the pool's `max_response_bytes` ("too_large"). Counted against the worker's
-    health like a 5xx; retried where `retry_on` names "bad_answer" (both reasons)."""
-
-    reason = "bad_answer"
-
-
-class UpstreamTimeout(UpstreamError):
-    status_code = 504
-    reason = "timeout"
+    @property
+    def reason(self) -> str:
+        """The cause's bounded word, for metrics and logs."""
+        return self.cause.label
 
 
 def error_response(exc: RequestError) -> Response:

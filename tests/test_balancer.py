@@ -8,16 +8,9 @@ from typing import Any
 
 import pytest
 
-from gateway.balancer import Balancer, Pool, Ticket, Worker, outcome_of, retry_cause
-from gateway.errors import (
-    BadAnswer,
-    Overloaded,
-    UpstreamError,
-    UpstreamRejected,
-    UpstreamTimeout,
-    WorkerFailed,
-    WorkerUnreachable,
-)
+from gateway.balancer import Balancer, Pool, Ticket, Worker, outcome_of
+from gateway.causes import Cause
+from gateway.errors import Overloaded, UpstreamError, UpstreamRejected
 from gateway.health import State
 from tests.support import FakeClock, make_registry
 
@@ -112,7 +105,7 @@ def test_withdraw_after_grant_and_double_release_free_the_slot_once() -> None:
 
 def test_no_worker_in_service_is_refused_at_once() -> None:
     pool = make_pool(urls(2), FakeClock())
-    with pytest.raises(WorkerUnreachable, match="no healthy worker"):
+    with pytest.raises(UpstreamError, match="no healthy worker"):
         submit(pool, exclude=tuple(pool.workers))
 
 
@@ -280,33 +273,70 @@ def test_base_model_requests_never_make_others_step_aside() -> None:
 # -- retries and outcomes -------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("exc", "cause"),
-    [
-        (WorkerUnreachable("w: refused"), "connect"),
-        (WorkerFailed("w: 429", reason="http_429"), "refused"),
-        (WorkerFailed("w: 503", reason="http_503"), "refused"),
-        (WorkerFailed("w: lost", reason="reset"), "refused"),
-        (WorkerFailed("w: 500", reason="http_5xx"), "5xx"),
-        (WorkerFailed("w: cut", reason="truncated"), "truncated"),
-        (BadAnswer("w answered 200 without an image"), "bad_answer"),
-        (BadAnswer("w answered 200 with 40000000 bytes", reason="too_large"), "bad_answer"),
-        (UpstreamTimeout("w: slow"), "timeout"),
-        (UpstreamError("other"), None),
-    ],
-)
-def test_retry_cause(exc: UpstreamError, cause: str | None) -> None:
-    assert retry_cause(exc) == cause
+# Under the default pool settings, is a try that ended so retried on another worker,
+# and does the retry count against the budget? Written out, not derived from Cause.
+RETRIED = {
+    Cause.DNS: (True, False),
+    Cause.TLS: (True, False),
+    Cause.CONNECT: (True, False),
+    Cause.CONNECT_TIMEOUT: (True, False),
+    Cause.RESET: (True, True),
+    Cause.HTTP_429: (True, True),
+    Cause.HTTP_503_BUSY: (True, True),
+    Cause.HTTP_503: (True, True),
+    Cause.TRUNCATED: (True, True),
+    Cause.TIMEOUT: (True, True),
+    Cause.HTTP_5XX: (True, True),
+    Cause.BAD_ANSWER: (True, True),
+    Cause.TOO_LARGE: (True, True),
+    Cause.REJECTED: (False, False),
+    Cause.NO_WORKER: (False, False),
+    Cause.DEADLINE: (False, False),
+}
+
+
+def test_every_cause_has_a_written_retry_decision() -> None:
+    assert set(RETRIED) == set(Cause)
+
+
+@pytest.mark.parametrize("cause", list(Cause), ids=lambda c: c.label)
+async def test_the_retry_decision_follows_the_cause(cause: Cause) -> None:
+    retried, budgeted = RETRIED[cause]
+    pool = Balancer(make_registry({"p": urls(2)})).pool("p")
+    with pool.attempt(adapter=None) as attempt:
+        async with attempt.slot():
+            pass
+        failure = UpstreamError(cause, "worker p-0")
+        if retried:
+            attempt.retry_or_raise(failure)
+        else:
+            with pytest.raises(UpstreamError):
+                attempt.retry_or_raise(failure)
+        assert attempt.retries == int(retried)
+        assert pool.active_retries == int(budgeted)
+
+
+@pytest.mark.parametrize("cause", [Cause.TIMEOUT, Cause.HTTP_5XX, Cause.BAD_ANSWER])
+async def test_a_job_the_worker_may_have_run_is_retried_only_as_retry_on_says(
+    cause: Cause,
+) -> None:
+    pool = Balancer(make_registry({"p": urls(2)}, retry_on=["truncated"])).pool("p")
+    with pool.attempt(adapter=None) as attempt:
+        async with attempt.slot():
+            pass
+        with pytest.raises(UpstreamError):
+            attempt.retry_or_raise(UpstreamError(cause, "worker p-0"))
 
 
 def test_outcomes_for_health() -> None:
     assert outcome_of(None) == "ok"
     assert outcome_of(UpstreamRejected(400, "bad prompt")) == "answered"
-    assert outcome_of(WorkerFailed("w: 429", reason="http_429")) == "busy"
-    assert outcome_of(WorkerFailed("w: 500", reason="http_5xx")) == "failed"
-    assert outcome_of(WorkerFailed("w: 503", reason="http_503", busy=True)) == "busy"
-    assert outcome_of(WorkerFailed("w: 503", reason="http_503")) == "failed"  # no Retry-After
-    assert outcome_of(BadAnswer("w answered 200 without an image")) == "failed"
+    assert outcome_of(UpstreamError(Cause.HTTP_429, "w")) == "busy"
+    assert outcome_of(UpstreamError(Cause.HTTP_5XX, "w")) == "failed"
+    assert outcome_of(UpstreamError(Cause.HTTP_503_BUSY, "w")) == "busy"
+    assert outcome_of(UpstreamError(Cause.HTTP_503, "w")) == "failed"  # no Retry-After
+    assert outcome_of(UpstreamError(Cause.BAD_ANSWER, "w")) == "failed"
+    assert outcome_of(UpstreamError(Cause.NO_WORKER, "pool 'p'")) == "cancelled"
     assert outcome_of(asyncio.CancelledError()) == "cancelled"
 
 
@@ -343,9 +373,10 @@ async def test_deadline_while_queued_is_a_timeout() -> None:
     pool = Balancer(registry).pool("p")
     with pool.attempt(adapter=None) as holder:
         async with holder.slot():
-            with pool.attempt(adapter=None) as waiter, pytest.raises(UpstreamTimeout):
+            with pool.attempt(adapter=None) as waiter, pytest.raises(UpstreamError) as caught:
                 async with waiter.slot():
                     pytest.fail("no slot was free")
+    assert (caught.value.cause, caught.value.status_code) == (Cause.DEADLINE, 504)
 
 
 async def test_cancelled_while_queued_leaves_the_queue() -> None:
@@ -370,7 +401,12 @@ async def test_cancelled_while_queued_leaves_the_queue() -> None:
 
 @pytest.mark.parametrize(
     "raised",
-    [None, WorkerFailed("w: 500", reason="http_5xx"), UpstreamTimeout("w"), KeyError("bug")],
+    [
+        None,
+        UpstreamError(Cause.HTTP_5XX, "w", "HTTP 500"),
+        UpstreamError(Cause.TIMEOUT, "w"),
+        KeyError("bug"),
+    ],
 )
 async def test_a_slot_is_released_however_the_try_ends(raised: BaseException | None) -> None:
     pool = Balancer(make_registry({"p": urls(1)})).pool("p")

@@ -62,8 +62,8 @@ def test_served_gateway_dead_and_slow_workers(tmp_path: Path) -> None:
     assert refused.status_code == 502
     # Refused on the try, or already known down by the health prober: either way, said.
     assert refused.json()["detail"] in (
-        "adapter 'sdxl-base': worker sdxl-0: connection refused",
-        "adapter 'sdxl-base': pool 'sdxl' has no healthy worker",
+        "adapter 'sdxl-base': worker sdxl-0: cannot connect (connection refused)",
+        "adapter 'sdxl-base': pool 'sdxl': no healthy worker",
     )
 
 

@@ -8,8 +8,9 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import pytest
 
 from gateway.cache import CacheCounters, CachePolicy, MemoryCache, ResultCache, open_cache
+from gateway.causes import Cause
 from gateway.coalesce import Coalescer, Produced
-from gateway.errors import WorkerFailed
+from gateway.errors import UpstreamError
 from gateway.registry import CacheSpec
 from tests.support import dead_url, redis_cache
 
@@ -34,7 +35,7 @@ class Generator:
             self.cancelled += 1
             raise
         if self.fail:
-            raise WorkerFailed("worker sdxl-0: HTTP 500")
+            raise UpstreamError(Cause.HTTP_5XX, "worker sdxl-0", "HTTP 500")
         body = f"image {self.runs}".encode()
         if self.cache is not None:
             await self.cache.store(KEY, body, CachePolicy.USE)
@@ -116,7 +117,7 @@ async def test_a_failed_generation_fails_every_waiter_and_is_not_remembered() ->
     produce.release.set()
     async with asyncio.timeout(5):  # nobody hangs
         outcomes = await asyncio.gather(*waiters, return_exceptions=True)
-    assert all(isinstance(o, WorkerFailed) for o in outcomes)
+    assert all(isinstance(o, UpstreamError) for o in outcomes)
     assert produce.runs == 1
     assert coalescer.in_flight() == 0
     produce.fail = False

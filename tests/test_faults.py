@@ -26,6 +26,7 @@ from gateway.balancer import Worker
 from gateway.metrics import Metrics
 from gateway.registry import Registry
 from gateway.schema import WorkerRequest
+from gateway.state import state_of
 from tests.support import (
     JPEG_ANSWER,
     PNG_ANSWER,
@@ -195,58 +196,58 @@ FAULTS = {
     "html": Fault(
         sends("200 OK", b"<!doctype html><h1>Bad Gateway</h1>"),
         502,
-        " answered 200 with HTML, not JSON",
+        ": answered 200 with HTML, not JSON",
         "bad_answer",
     ),
     "not_base64": Fault(
         sends("200 OK", b'{"image":"!!!not base64!!!"}'),
         502,
-        " answered 200 with an image that is not base64 (it holds '!')",
+        ": answered 200 with an image that is not base64 (it holds '!')",
         "bad_answer",
     ),
     "no_image": Fault(
         sends("200 OK", b'{"result":"done"}'),
         502,
-        " answered 200 without an image (keys: 'result')",
+        ": answered 200 without an image (keys: 'result')",
         "bad_answer",
     ),
-    "empty": Fault(sends("200 OK", b""), 502, " answered 200 with an empty body", "bad_answer"),
+    "empty": Fault(sends("200 OK", b""), 502, ": answered 200 with an empty body", "bad_answer"),
     "other_format": Fault(
         other_format,
         502,
-        " answered 200 with a PNG image, not the JPEG that response_format 'jpeg' asks for",
+        ": answered 200 with a PNG image, not the JPEG that response_format 'jpeg' asks for",
         "bad_answer",
     ),
     "truncated_image": Fault(
         truncated_image,
         502,
-        " answered 200 with a JPEG cut short (no end-of-image marker)",
+        ": answered 200 with a JPEG cut short (no end-of-image marker)",
         "bad_answer",
     ),
     "30MB_by_length": Fault(
         huge(chunked=False),
         502,
-        f" answered 200 with {30 * 2**20 + 12} bytes, over max_response_bytes ({LIMIT})",
+        f": answered 200 with {30 * 2**20 + 12} bytes, over max_response_bytes ({LIMIT})",
         "too_large",
     ),
     "30MB_chunked": Fault(
         huge(chunked=True),
         502,
-        f" answered 200 with more than {LIMIT} bytes, over max_response_bytes ({LIMIT})",
+        f": answered 200 with more than {LIMIT} bytes, over max_response_bytes ({LIMIT})",
         "too_large",
     ),
     "length_too_small": Fault(  # the rest, after `Connection: close`, breaks HTTP
         claims(-10),
         502,
-        " answered malformed HTTP (Data after `Connection: close`)",
+        ": answered malformed HTTP (Data after `Connection: close`)",
         "bad_answer",
     ),
     "length_too_small_keep_alive": Fault(  # the rest would be read as the next answer
         claims(-10, close=False),
         502,
         (  # which, depends on whether the rest arrived with the body or after it
-            " answered malformed HTTP (Bad status line)",
-            " answered 200 with a body that is not JSON (Unterminated string",
+            ": answered malformed HTTP (Bad status line)",
+            ": answered 200 with a body that is not JSON (Unterminated string",
         ),
         "bad_answer",
     ),
@@ -274,7 +275,7 @@ FAULTS = {
         sends("503 Service Unavailable", b'{"detail":"busy"}', "Retry-After: 3"),
         502,
         ": HTTP 503",
-        "http_503",
+        "http_503_busy",
         counted=False,
     ),
     "503_bare": Fault(  # no Retry-After: a proxy before a dead worker says this too
@@ -312,7 +313,7 @@ async def cached(gw: Gateway, registry: Registry, **overrides: Any) -> bytes | N
 
 
 def metrics_of(app: Starlette) -> Metrics:
-    metrics: Metrics = app.state.metrics
+    metrics: Metrics = state_of(app).metrics
     return metrics
 
 
@@ -393,7 +394,7 @@ async def test_bad_answers_are_retried_only_where_retry_on_says() -> None:
     assert resp.status_code == 502
     assert (
         resp.json()["detail"]
-        == "adapter 'fox': worker p-0 answered 200 without an image (keys: 'result')"
+        == "adapter 'fox': worker p-0: answered 200 without an image (keys: 'result')"
     )
     assert not good.received
 

@@ -123,7 +123,7 @@ async def test_the_cap_keeps_one_worker_in_until_its_probe_says_it_is_down() -> 
     async with local_pipeline(registry, clock=clock) as (pipeline, prober):
         pool = the_pool(pipeline)
         for _ in range(3):
-            assert await generate(pipeline) == "WorkerUnreachable:connect"
+            assert await generate(pipeline) == "UpstreamError:connect"
         states = sorted(w.health.state.value for w in pool.workers)
         assert states == ["ejected", "unknown"], "half of two may go; the other stays in"
         assert pool.healthy_count() == 1

@@ -31,43 +31,46 @@ Graph = Mapping[str, Iterable[str]]
 # new module must be placed here (the test says so).
 LAYERS: dict[str, int] = {
     "gateway": 0,  # the package's __init__: empty
-    # 1: vocabulary (errors, the request schema, log format): nothing of the gateway's
-    "gateway.errors": 1,
-    "gateway.logs": 1,
-    "gateway.schema": 1,
-    # 2: the registry's schema and parsing; metric definitions; the answer check;
-    # the simulated worker
-    "gateway.registry": 2,
-    "gateway.metrics": 2,
-    "gateway.answers": 2,  # is a worker's answer an image: on the schema's formats
-    "gateway.simworker": 2,
-    # 3: what each concern needs at run time, on the registry and the metrics
-    "gateway.protocols.friendli_container": 3,  # a worker protocol: errors, answers
-    "gateway.health": 3,
-    "gateway.auth": 3,
-    "gateway.cache": 3,
-    "gateway.ratelimit": 3,
-    "gateway.openapi": 3,
-    "gateway.reload": 3,
-    "gateway.drain": 3,
-    "gateway.middleware": 3,
-    "gateway.server": 3,  # the HTTP server's protocol class, bounded by the registry's limits
-    "gateway.settings": 3,  # the environment, read once; applied over a registry
-    # 4: the balancer (on the health state); coalescing (on the cache); the protocols
-    "gateway.protocols": 4,
-    "gateway.balancer": 4,
-    "gateway.coalesce": 4,
-    # 5: what drives the balancer: the request pipeline, probes, DNS discovery
-    "gateway.pipeline": 5,
-    "gateway.prober": 5,
-    "gateway.discovery": 5,
-    # 6: the app's typed state; 7: the HTTP surface; 8: the app assembled in its
-    # lifespan; 9-10: the command line
-    "gateway.state": 6,  # the app's typed state: what the lifespan builds
-    "gateway.routes": 7,
-    "gateway.app": 8,
-    "gateway.cli": 9,
-    "gateway.__main__": 10,
+    # 1: why a try gave no image, the vocabulary under the exception tree
+    "gateway.causes": 1,
+    # 2: vocabulary (errors, the request schema, log format)
+    "gateway.errors": 2,
+    "gateway.logs": 2,
+    "gateway.schema": 2,
+    # 3: the registry's schema and parsing; metric definitions; the answer check;
+    # aiohttp's exceptions as causes; the simulated worker
+    "gateway.registry": 3,
+    "gateway.metrics": 3,
+    "gateway.answers": 3,
+    "gateway.protocols.client_errors": 3,
+    "gateway.simworker": 3,
+    # 4: what each concern needs at run time, on the registry and the metrics
+    "gateway.protocols.friendli_container": 4,
+    "gateway.health": 4,
+    "gateway.auth": 4,
+    "gateway.cache": 4,
+    "gateway.ratelimit": 4,
+    "gateway.openapi": 4,
+    "gateway.reload": 4,
+    "gateway.drain": 4,
+    "gateway.middleware": 4,
+    "gateway.server": 4,  # the HTTP server's protocol class, bounded by the registry's limits
+    "gateway.settings": 4,  # the environment, read once; applied over a registry
+    # 5: the protocols; the balancer (on the health state); coalescing (on the cache)
+    "gateway.protocols": 5,
+    "gateway.balancer": 5,
+    "gateway.coalesce": 5,
+    # 6: what drives the balancer: the request pipeline, probes, DNS discovery
+    "gateway.pipeline": 6,
+    "gateway.prober": 6,
+    "gateway.discovery": 6,
+    # 7: the app's typed state; 8: the HTTP surface; 9: the app assembled in its
+    # lifespan; 10-11: the command line
+    "gateway.state": 7,
+    "gateway.routes": 8,
+    "gateway.app": 9,
+    "gateway.cli": 10,
+    "gateway.__main__": 11,
 }
 
 

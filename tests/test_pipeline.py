@@ -80,7 +80,9 @@ async def test_dead_worker_is_502_with_a_clear_message() -> None:
     async with gateway_client(make_registry({"p": [dead_url()]}, ADAPTERS)) as client:
         resp = await client.post("/v1/images/generations", json=body())
     assert resp.status_code == 502
-    assert resp.json() == {"detail": "adapter 'base': worker p-0: connection refused"}
+    assert resp.json() == {
+        "detail": "adapter 'base': worker p-0: cannot connect (connection refused)"
+    }
     assert "127.0.0.1" not in resp.text
 
 

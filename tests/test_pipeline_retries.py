@@ -74,7 +74,7 @@ async def test_a_500_is_retried_once_by_default() -> None:
     async with scripted_workers(*handlers) as workers:
         registry = make_registry({"p": [w.url for w in workers]})
         async with local_pipeline(registry) as (pipeline, _):
-            assert await generate(pipeline) == "WorkerFailed:http_5xx"
+            assert await generate(pipeline) == "UpstreamError:http_5xx"
     assert sum(len(w.received) for w in workers) == 2
 
 
@@ -82,7 +82,7 @@ async def test_a_500_is_not_retried_where_retry_on_leaves_it_out() -> None:
     async with scripted_workers(answers(500, "boom"), answers(500, "boom")) as workers:
         registry = make_registry({"p": [w.url for w in workers]}, retry_on=["timeout"])
         async with local_pipeline(registry) as (pipeline, _):
-            assert await generate(pipeline) == "WorkerFailed:http_5xx"
+            assert await generate(pipeline) == "UpstreamError:http_5xx"
     assert sum(len(w.received) for w in workers) == 1
 
 
@@ -140,7 +140,7 @@ async def test_the_retry_budget_holds_under_an_all_500_pool() -> None:
             results = await asyncio.gather(*(generate(pipeline) for _ in range(60)))
             pool = the_pool(pipeline)
             assert_idle(pool)
-    assert Counter(results) == {"WorkerFailed:http_5xx": 60}
+    assert Counter(results) == {"UpstreamError:http_5xx": 60}
     # At most 20% of the 60 active requests (12) retrying at any moment...
     assert 3 <= pool.stats.retries_peak <= 12
     assert pool.stats.retries_denied > 0
@@ -198,7 +198,7 @@ async def test_no_slot_leaks_after_1000_mixed_successes_failures_and_cancellatio
     assert sum(outcomes.values()) == 1000
     assert outcomes["ok"] > 500
     assert outcomes["cancelled"] > 50
-    assert outcomes["WorkerFailed"] > 0
+    assert outcomes["http_5xx"] > 0
 
 
 async def _mixed_load(
@@ -219,7 +219,7 @@ async def _mixed_load(
             except asyncio.CancelledError:
                 outcomes["cancelled"] += 1
             except UpstreamError as exc:
-                outcomes[type(exc).__name__] += 1
+                outcomes[exc.reason] += 1
 
     await asyncio.gather(*(one() for _ in range(total)))
     return outcomes

@@ -8,13 +8,9 @@ from collections.abc import Mapping
 import aiohttp
 
 from gateway.answers import problem
-from gateway.errors import (
-    BadAnswer,
-    UpstreamRejected,
-    UpstreamTimeout,
-    WorkerFailed,
-    WorkerUnreachable,
-)
+from gateway.causes import Cause
+from gateway.errors import UpstreamError, UpstreamRejected
+from gateway.protocols.client_errors import upstream_error
 from gateway.schema import ResponseFormat
 
 # identity: the session does not decompress (the bytes go to the client as they came),
@@ -42,7 +38,7 @@ class FriendliContainer:
     ) -> bytes:
         """The worker's success body, untouched, once `gateway.answers` found an image
         of `response_format` in it; every failure as an UpstreamError. An answer over
-        `max_bytes` is refused as it arrives (BadAnswer "too_large")."""
+        `max_bytes` is refused as it arrives (Cause.TOO_LARGE)."""
         answered = False  # a lost connection before the answer began is safe to retry
         try:
             async with session.post(
@@ -54,32 +50,19 @@ class FriendliContainer:
             ) as resp:
                 answered = True
                 body = await _read(resp, max_bytes, worker)
-                status = resp.status
+                status, retry_after = resp.status, "Retry-After" in resp.headers
                 if status == 200 and (wrong := problem(body, response_format)) is not None:
                     resp.close()  # what else it sent is not to be read as a next answer
-                    raise BadAnswer(f"worker {worker} answered 200 {wrong}")
-                busy = status == 503 and "Retry-After" in resp.headers
-        except aiohttp.ConnectionTimeoutError as exc:
-            raise WorkerUnreachable(f"worker {worker}: connect timed out") from exc
-        except TimeoutError as exc:
-            waited = f"{round(timeout.total or 0, 1):g}s"  # the time this try was given
-            raise UpstreamTimeout(f"worker {worker}: no answer within {waited}") from exc
-        except aiohttp.ClientConnectorError as exc:
-            raise WorkerUnreachable(f"worker {worker}: connection refused") from exc
-        except aiohttp.ClientResponseError as exc:
-            # aiohttp's parser refused the answer's HTTP (e.g. more bytes than its
-            # Content-Length): the worker did answer, wrongly. The first line only:
-            # the rest quotes the worker's bytes.
-            what = str(exc.message).partition("\n")[0][:_MAX_MESSAGE].rstrip(":") or "unparsable"
-            raise BadAnswer(f"worker {worker} answered malformed HTTP ({what})") from exc
-        except aiohttp.ClientError as exc:
-            if answered:
-                msg = f"worker {worker}: connection lost while reading the answer"
-                raise WorkerFailed(msg, reason="truncated") from exc
-            raise WorkerFailed(f"worker {worker}: connection lost", reason="reset") from exc
+                    raise UpstreamError(
+                        Cause.BAD_ANSWER, f"worker {worker}", f"answered 200 {wrong}"
+                    )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise upstream_error(
+                exc, worker=worker, answered=answered, timeout_s=timeout.total
+            ) from exc
         if status == 200:
             return body
-        return _raise_for(status, body, worker, busy=busy)
+        return _raise_for(status, body, worker, retry_after=retry_after)
 
     async def healthy(
         self, session: aiohttp.ClientSession, base_url: str, *, timeout: aiohttp.ClientTimeout
@@ -114,19 +97,27 @@ async def _read(resp: aiohttp.ClientResponse, limit: int, worker: str) -> bytes:
     return b"".join(chunks)
 
 
-def _too_large(status: int, worker: str, size: str, limit: int) -> BadAnswer:
-    msg = f"worker {worker} answered {status} with {size}, over max_response_bytes ({limit})"
-    return BadAnswer(msg, reason="too_large")
+def _too_large(status: int, worker: str, size: str, limit: int) -> UpstreamError:
+    what = f"answered {status} with {size}, over max_response_bytes ({limit})"
+    return UpstreamError(Cause.TOO_LARGE, f"worker {worker}", what)
 
 
-def _raise_for(status: int, body: bytes, worker: str, *, busy: bool) -> bytes:
+def _raise_for(status: int, body: bytes, worker: str, *, retry_after: bool) -> bytes:
     if 400 <= status < 500 and status not in (408, 429):
         raise UpstreamRejected(status, f"worker rejected the request: {_message(body)}")
     # A 5xx body may hold a traceback or internal names: it never reaches the client.
-    # 429 and 503 say "not now" before the job started, so they get their own reasons;
-    # a 503 that says when to come back (Retry-After) is busy, not broken.
-    reason = f"http_{status}" if status in (429, 503) else f"http_{status // 100}xx"
-    raise WorkerFailed(f"worker {worker}: HTTP {status}", reason=reason, busy=busy)
+    raise UpstreamError(_status_cause(status, retry_after), f"worker {worker}", f"HTTP {status}")
+
+
+def _status_cause(status: int, retry_after: bool) -> Cause:
+    """429 and 503 say "not now" before the job started; a 503 that says when to come
+    back (Retry-After) is busy, not broken. Any other answer but 200 and 4xx (a 1xx,
+    2xx, 3xx or 408) is not what this API answers: a bad answer."""
+    if status == 429:
+        return Cause.HTTP_429
+    if status == 503:
+        return Cause.HTTP_503_BUSY if retry_after else Cause.HTTP_503
+    return Cause.HTTP_5XX if status >= 500 else Cause.BAD_ANSWER
 
 
 def _message(body: bytes) -> str:
