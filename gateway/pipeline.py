@@ -1,4 +1,4 @@
-"""The flow of one generation, step by step, as design.md lists it:
+"""The flow of one generation, step by step, as docs/architecture.md draws it:
 
 validate body -> resolve adapter -> cache key -> cache lookup -> coalesce ->
 admit into the pool -> pick a worker -> forward (retry another worker) ->

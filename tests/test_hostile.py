@@ -69,8 +69,8 @@ def test_schemathesis_over_the_served_openapi_document(gateway: str) -> None:
         statuses.append(resp.status_code)
         # Every default check (no 5xx; status, content type, headers and body as the
         # document says) but one: JSON Schema's `integer` takes 47.0, which the gateway
-        # refuses on purpose (design.md: a float is an error, never coerced). That one
-        # refusal, and only it, is allowed for schema-valid data.
+        # refuses on purpose (README's API table: a float is an error, never coerced).
+        # That one refusal, and only it, is allowed for schema-valid data.
         case.validate_response(resp, excluded_checks=[positive_data_acceptance], headers=AUTH)
         positive = case.meta is not None and case.meta.generation.mode is GenerationMode.POSITIVE
         if positive and resp.status_code == 422:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterable, Mapping
@@ -271,3 +272,37 @@ def test_module_imports_alone(module: str) -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
+
+
+# -- docs/architecture.md's module map is the real one ------------------------------------
+
+_MAP_ROW = re.compile(r"^\| (\d+) \| `([\w.]+)` \| [^|]* \| ([^|]*) \|$", re.M)
+
+
+def documented_map() -> dict[str, tuple[int, set[str]]]:
+    """docs/architecture.md's module map: module -> (layer, gateway modules it imports),
+    names as written there (without `gateway.`; a protocol module by its last part)."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    return {
+        "gateway." + module: (
+            int(layer),
+            {n.strip() for n in imports.split(",") if n.strip() != "—"},
+        )
+        for layer, module, imports in _MAP_ROW.findall(text)
+    }
+
+
+def _short(module: str) -> str:
+    return module.removeprefix("gateway.").removeprefix("protocols.")
+
+
+def test_the_documented_module_map_matches_the_imports() -> None:
+    graph, documented = import_graph(), documented_map()
+    listed = set(graph) - {"gateway", "gateway.__main__"}
+    assert set(documented) == listed, "modules missing from or unknown to the map"
+    wrong = {
+        module: (layer, sorted(names))
+        for module, (layer, names) in documented.items()
+        if layer != LAYERS[module] or names != {_short(t) for t in graph[module] - {"gateway"}}
+    }
+    assert not wrong, f"docs/architecture.md's map differs from the code for {wrong}"
