@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 
 from gateway.metrics import Metrics
@@ -20,6 +21,7 @@ from tests.support import (
     SimWorker,
     blackhole,
     body,
+    delayed,
     gateway,
     gateway_client,
     gateway_process,
@@ -271,28 +273,42 @@ async def test_a_failed_generation_fails_its_coalesced_requests_cleanly() -> Non
     assert {r.json()["detail"] for r in responses} == {"adapter 'sdxl': worker sdxl-0: HTTP 500"}
 
 
-def test_two_gateway_processes_sharing_redis_make_one_generation(
-    fast_sims: list[SimWorker], redis_url: str, tmp_path: Path
+async def test_two_gateway_processes_sharing_redis_make_one_generation(
+    redis_url: str, tmp_path: Path
 ) -> None:
-    config = tmp_path / "adapters.yaml"
-    config.write_text(registry_yaml(pools(fast_sims), cache=redis_cache(redis_url)))
-    before = generations(fast_sims)
-    no_drain = ("--drain-grace-s", "0")  # nothing to drain at the end: stop at once
-    with (
-        gateway_process(str(config), *no_drain) as first,
-        gateway_process(str(config), *no_drain) as second,
-    ):
-        same = body(seed=10, num_inference_steps=50)
-
-        async def burst() -> list[httpx.Response]:
+    """50 identical requests over two processes: one generation, and the process that
+    did not lead waited on the other through Redis (its `remote` count), which a late
+    cache hit alone would not show. The worker takes 2 s, so every request arrives
+    while that generation runs."""
+    async with scripted_worker(delayed(image_ok(), 2.0)) as worker:
+        config = tmp_path / "adapters.yaml"
+        config.write_text(registry_yaml({"sdxl": [worker.url]}, cache=redis_cache(redis_url)))
+        no_drain = ("--drain-grace-s", "0")  # nothing to drain at the end: stop at once
+        with (
+            gateway_process(str(config), *no_drain) as first,
+            gateway_process(str(config), *no_drain) as second,
+        ):
+            same = body(seed=10, num_inference_steps=50)
             async with httpx.AsyncClient(timeout=30) as client:
                 sends = [client.post(url + PATH, json=same) for url in (first, second) * 25]
-                return await asyncio.gather(*sends)
-
-        responses = asyncio.run(burst())
+                responses = await asyncio.gather(*sends)
+                scrapes = [(await client.get(url + "/metrics")).text for url in (first, second)]
     assert {r.status_code for r in responses} == {200}
     assert len({r.content for r in responses}) == 1
-    assert generations(fast_sims) - before == 1
+    assert len(worker.received) == 1
+    remote = [scraped(text, "gateway_coalesced_requests_total", scope="remote") for text in scrapes]
+    local = [scraped(text, "gateway_coalesced_requests_total", scope="local") for text in scrapes]
+    assert sorted(remote) == [0, 1], remote  # the follower's lead waited on the leader
+    assert sum(local) == 48, local  # every other request joined its own process's flight
+
+
+def scraped(text: str, name: str, **labels: str) -> float:
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
 
 
 async def test_a_reload_that_changes_the_cache_section_says_it_needs_a_restart(

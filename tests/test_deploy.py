@@ -11,7 +11,7 @@ import re
 import shlex
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from fnmatch import fnmatch
 from functools import cache
 from pathlib import Path, PurePosixPath
@@ -26,6 +26,7 @@ from gateway.cli import _parser
 from gateway.metrics import Metrics
 from gateway.registry import Registry, parse_registry
 from gateway.routes import ROUTES
+from gateway.settings import Settings
 from tests.support import prometheus_tool
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -406,25 +407,34 @@ def test_headless_service_matches_the_registry_worker_names() -> None:
         assert url.port == port["port"]
 
 
-def drain_cap_s(argv: list[str]) -> float | None:
-    """The longest drain time `gateway serve` would take with `argv`: the largest of its
-    --drain-* options; None while the CLI has no such option."""
-    values = [v for k, v in vars(gateway_args(argv)).items() if "drain" in k]
-    numbers = [float(v) for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
-    return max(numbers) if numbers else None
+def drain_total_s(argv: list[str], env: Mapping[str, str]) -> float:
+    """The longest a `gateway serve` with `argv` and `env` takes to stop after SIGTERM:
+    its drain grace (still serving, /readyz 503) plus its hard cap for requests in
+    flight, as README's Draining section says; each as the CLI and the environment
+    resolve it (gateway.settings). A renamed option fails here, by name."""
+    args = gateway_args(argv)
+    grace = Settings.from_env(env).replace(drain_grace_s=args.drain_grace_s).drain_grace_s
+    return grace + float(args.drain_timeout_s)
+
+
+def container_env() -> dict[str, str]:
+    return {e["name"]: str(e["value"]) for e in container().get("env", []) if "value" in e}
+
+
+def test_drain_total_is_the_grace_plus_the_hard_cap() -> None:
+    argv = ["serve", "--drain-grace-s", "7", "--drain-timeout-s", "50"]
+    assert drain_total_s(argv, {}) == 57
+    assert drain_total_s(["serve"], {"GATEWAY_DRAIN_GRACE_S": "9"}) == 9 + 60
 
 
 def test_kubernetes_and_compose_outwait_the_gateway_drain() -> None:
-    cap = drain_cap_s(container()["args"])
-    if cap is None:
-        pytest.skip(
-            "gateway serve has no --drain-* option yet (issue 5, drain): nothing to compare"
-        )
+    total = drain_total_s(container()["args"], container_env())
     grace = k8s("Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-    assert grace > cap, "the kubelet would SIGKILL a gateway still draining"
+    assert grace > total, "the kubelet would SIGKILL a gateway still draining"
     for name, argv in services_running("serve").items():
+        env = {k: str(v) for k, v in (compose()["services"][name].get("environment") or {}).items()}
         stop = compose()["services"][name]["stop_grace_period"]
-        assert float(stop.removesuffix("s")) > (drain_cap_s(argv) or 0), name
+        assert float(stop.removesuffix("s")) > drain_total_s(argv, env), name
 
 
 # -- metrics in the alert rules and the dashboard --------------------------------------

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.metrics import Metrics, Trace
@@ -72,7 +75,26 @@ def test_registry_info_moves_to_the_new_revision() -> None:
     assert value(text, "gateway_registry_info", revision="bbb") == 1
 
 
-def test_several_processes_are_summed(tmp_path: Path, fast_sims: list[SimWorker]) -> None:
+def per_process_requests(metrics_dir: Path, tmp: Path) -> dict[str, float]:
+    """pid -> generation requests that process counted, read from its own files alone."""
+    totals: dict[str, float] = {}
+    for pid in {p.stem.rsplit("_", 1)[-1] for p in metrics_dir.glob("*.db")}:
+        alone = tmp / f"alone-{pid}"
+        alone.mkdir(exist_ok=True)
+        for file in metrics_dir.glob(f"*_{pid}.db"):
+            shutil.copy(file, alone / file.name)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=str(alone))  # type: ignore[no-untyped-call]
+        text = generate_latest(registry).decode()
+        totals[pid] = value(text, "gateway_requests_total", adapter="p", status="200")
+    return totals
+
+
+def test_several_processes_serve_and_the_scrape_sums_them(
+    tmp_path: Path, fast_sims: list[SimWorker]
+) -> None:
+    """Both processes of `serve --processes 2` answer requests (sent until each has,
+    with a bound), and every scrape, whichever process answers it, is their sum."""
     config = tmp_path / "adapters.yaml"
     config.write_text(registry_yaml({"p": [s.url for s in fast_sims]}))
     metrics_dir = tmp_path / "metrics"
@@ -81,25 +103,33 @@ def test_several_processes_are_summed(tmp_path: Path, fast_sims: list[SimWorker]
     served = gateway_process(str(config), "--processes", "2", "--metrics-dir", str(metrics_dir))
     close = {"connection": "close"}  # a new connection each time: either process may answer
     with served as url, httpx.Client(base_url=url, headers=close) as client:
-        for _ in range(12):
-            assert client.post("/v1/images/generations", json=body()).status_code == 200
-        # Counted just after the answer is sent, so poll; every scrape, whichever
-        # process answers it, must show the sum over both.
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            totals = {
-                value(
-                    client.get("/metrics").text, "gateway_requests_total", adapter="p", status="200"
-                )
-                for _ in range(6)
-            }
-            if totals == {12}:
-                break
-            time.sleep(0.05)
-        pids = {p.stem.split("_")[-1] for p in metrics_dir.glob("*.db")}
-    assert totals == {12}
-    assert "999999" not in pids  # the stale file was cleaned at start
-    assert len(pids) == 2  # both processes keep their own files
+        sent = 0
+        by_process: dict[str, float] = {}
+        while sent < 400 and not (len(by_process) == 2 and all(by_process.values())):
+            for _ in range(10):
+                assert client.post("/v1/images/generations", json=body()).status_code == 200
+            sent += 10
+            by_process = _settled(lambda: per_process_requests(metrics_dir, tmp_path), sent)
+        scrapes = {
+            value(client.get("/metrics").text, "gateway_requests_total", adapter="p", status="200")
+            for _ in range(6)
+        }
+    assert "999999" not in by_process  # the stale file was cleaned at start
+    assert len(by_process) == 2, by_process  # two processes kept files...
+    assert all(by_process.values()), by_process  # ...and both served
+    assert sum(by_process.values()) == sent
+    assert scrapes == {sent}  # each scrape is the sum, whichever process answered it
+
+
+def _settled(read: Callable[[], dict[str, float]], sent: int) -> dict[str, float]:
+    """`read()` once the processes have counted every answer sent (each counts just
+    after its answer went out): waited for, with a generous bound."""
+    deadline = time.monotonic() + 10
+    while True:
+        counts = read()
+        if sum(counts.values()) == sent or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.02)
 
 
 async def test_worker_try_retry_and_queue_metrics(fast_sims: list[SimWorker]) -> None:
