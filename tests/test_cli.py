@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from gateway.cli import _parser, main
-from tests.support import SimWorker, body, gateway_process, registry_yaml, sim_workers
+from gateway.testing import ServedSim, registry_yaml
+from tests.support import body, gateway_process, sim_workers
 
 WORKERS_NOTE = "note: --workers is deprecated, write --processes"
 CHECK_NOTE = "note: `gateway check FILE` is deprecated"
@@ -31,7 +32,7 @@ def write_config(tmp_path: Path, urls: list[str], **pool_options: Any) -> str:
     return str(path)
 
 
-def test_served_gateway_round_trip(tmp_path: Path, fast_sims: list[SimWorker]) -> None:
+def test_served_gateway_round_trip(tmp_path: Path, fast_sims: list[ServedSim]) -> None:
     config = write_config(tmp_path, [s.url for s in fast_sims])
     with gateway_process(config) as url:
         resp = httpx.post(url + "/v1/images/generations", json=body(model="pixel-art", seed=5))
@@ -82,7 +83,7 @@ def test_serve_refuses_a_bad_config(tmp_path: Path) -> None:
 
 
 def test_generate_writes_the_image(
-    tmp_path: Path, fast_sims: list[SimWorker], capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, fast_sims: list[ServedSim], capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = write_config(tmp_path, [s.url for s in fast_sims])
     out = tmp_path / "fox.png"

@@ -27,20 +27,16 @@ from gateway.metrics import Metrics
 from gateway.registry import Registry
 from gateway.schema import WorkerRequest
 from gateway.state import state_of
-from tests.support import (
+from gateway.testing import (
     JPEG_ANSWER,
     PNG_ANSWER,
     Gateway,
-    body,
+    fake_worker,
     gateway,
     image_bytes,
     image_ok,
-    make_registry,
-    redis_cache,
-    redis_server,
-    request,
-    scripted_worker,
 )
+from tests.support import body, make_registry, redis_cache, redis_server, request
 
 GEN = "/v1/images/generations"
 LIMIT = 2**20  # max_response_bytes in these pools: the 30 MB answers pass it early
@@ -359,7 +355,7 @@ async def test_a_bad_worker_beside_a_good_one_costs_a_retry_and_poisons_nothing(
     adapters = [{"name": "fox", "pool": "p", "upstream_model": "fox-lora", "default": True}]
     async with (
         raw_worker(sends("200 OK", b"<html>oops</html>")) as bad,
-        scripted_worker(image_ok()) as good,
+        fake_worker(image_ok()) as good,
     ):
         workers: list[str | dict[str, Any]] = [{"url": bad.url, "adapters": ["fox-lora"]}, good.url]
         with cache_section(backend) as cache:
@@ -384,7 +380,7 @@ async def test_a_bad_worker_beside_a_good_one_costs_a_retry_and_poisons_nothing(
 async def test_bad_answers_are_retried_only_where_retry_on_says() -> None:
     async with (
         raw_worker(sends("200 OK", b'{"result":"done"}')) as bad,
-        scripted_worker(image_ok()) as good,
+        fake_worker(image_ok()) as good,
     ):
         adapters = [{"name": "fox", "pool": "p", "upstream_model": "fox-lora", "default": True}]
         workers: list[str | dict[str, Any]] = [{"url": bad.url, "adapters": ["fox-lora"]}, good.url]

@@ -7,18 +7,16 @@ import pytest
 from gateway.balancer import Worker
 from gateway.health import State, WorkerHealth, ejection_allowed
 from gateway.registry import HealthSpec
+from gateway.testing import fake_worker, gateway, image_ok
 from tests.support import (
     FakeClock,
     body,
     dead_url,
     eventually,
-    gateway,
     generate,
-    image_ok,
     local_pipeline,
     make_registry,
     request,
-    scripted_worker,
     sim_workers,
     the_pool,
 )
@@ -136,8 +134,8 @@ async def test_the_cap_keeps_one_worker_in_until_its_probe_says_it_is_down() -> 
 
 async def test_a_pool_without_a_healthy_worker_is_unready_alone() -> None:
     async with (
-        scripted_worker(image_ok()) as up,
-        scripted_worker(image_ok()) as flaky,
+        fake_worker(image_ok()) as up,
+        fake_worker(image_ok()) as flaky,
     ):
         flaky.healthy = False
         adapters: list[dict[str, Any]] = [

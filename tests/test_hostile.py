@@ -24,7 +24,8 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from gateway.errors import ConfigError
 from gateway.registry import Registry, parse_registry
-from tests.support import SimWorker, api_key, bearer, gateway_process, registry_yaml
+from gateway.testing import ServedSim, registry_yaml
+from tests.support import api_key, bearer, gateway_process
 
 KEY = "gw_hostile-test-key"
 AUTH = bearer(KEY)
@@ -38,7 +39,7 @@ SETTINGS = settings(
 
 
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory, fast_sims: list[SimWorker]) -> Iterator[str]:
+def gateway(tmp_path_factory: pytest.TempPathFactory, fast_sims: list[ServedSim]) -> Iterator[str]:
     adapters: list[dict[str, Any]] = [
         {"name": "base", "pool": "p", "default": True},
         {"name": "pixel-art", "pool": "p", "upstream_model": "pixel-art", "aliases": ["px"]},

@@ -10,17 +10,8 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.metrics import Metrics, Trace
-from tests.support import (
-    SimWorker,
-    answers,
-    body,
-    dead_url,
-    gateway,
-    gateway_process,
-    make_registry,
-    registry_yaml,
-    scripted_worker,
-)
+from gateway.testing import ServedSim, answers, fake_worker, gateway, registry_yaml
+from tests.support import body, dead_url, gateway_process, make_registry
 
 
 def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -35,7 +26,7 @@ def value(text: str, name: str, **labels: str) -> float:
     return samples(text).get((name, frozenset(labels.items())), 0.0)
 
 
-async def test_requests_are_counted_by_adapter_and_status(fast_sims: list[SimWorker]) -> None:
+async def test_requests_are_counted_by_adapter_and_status(fast_sims: list[ServedSim]) -> None:
     registry = make_registry({"p": [s.url for s in fast_sims], "dead": [dead_url()]})
     async with gateway(registry) as gw:
         client = gw.client
@@ -72,7 +63,7 @@ def test_registry_info_moves_to_the_new_revision() -> None:
     assert value(text, "gateway_registry_info", revision="bbb") == 1
 
 
-def test_several_processes_are_summed(tmp_path: Path, fast_sims: list[SimWorker]) -> None:
+def test_several_processes_are_summed(tmp_path: Path, fast_sims: list[ServedSim]) -> None:
     config = tmp_path / "adapters.yaml"
     config.write_text(registry_yaml({"p": [s.url for s in fast_sims]}))
     metrics_dir = tmp_path / "metrics"
@@ -102,8 +93,8 @@ def test_several_processes_are_summed(tmp_path: Path, fast_sims: list[SimWorker]
     assert len(pids) == 2  # both processes keep their own files
 
 
-async def test_worker_try_retry_and_queue_metrics(fast_sims: list[SimWorker]) -> None:
-    async with scripted_worker(answers(503, '{"detail": "busy"}')) as busy:
+async def test_worker_try_retry_and_queue_metrics(fast_sims: list[ServedSim]) -> None:
+    async with fake_worker(answers(503, '{"detail": "busy"}')) as busy:
         registry = make_registry({"p": [busy.url, fast_sims[0].url]})
         async with gateway(registry) as gw:
             codes: list[int] = []
@@ -126,7 +117,7 @@ async def test_worker_try_retry_and_queue_metrics(fast_sims: list[SimWorker]) ->
     assert value(text, "gateway_queue_depth", pool="p") == 0
 
 
-async def test_a_full_queue_is_counted(fast_sims: list[SimWorker]) -> None:
+async def test_a_full_queue_is_counted(fast_sims: list[ServedSim]) -> None:
     worker = {"url": fast_sims[0].url, "max_concurrency": 1}
     registry = make_registry({"p": [worker]}, max_queue=0)
     async with gateway(registry) as gw:
