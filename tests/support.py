@@ -206,9 +206,13 @@ def gateway_process(
 def gateway_child(
     config_path: str, *extra: str, log_level: str = "warning", **popen: Any
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """As gateway_process, with the process too (to signal it)."""
+    """As gateway_process, with the process too (to signal it). Unless `extra` sets
+    --drain-grace-s, the process stops as soon as it is told: the default grace (5 s)
+    would cost every test that much at its end, and outlast `stop`'s own wait."""
     port = free_port()
     cmd = [sys.executable, "-m", "gateway", "serve", "--config", config_path]
+    if "--drain-grace-s" not in extra:
+        extra = ("--drain-grace-s", "0", *extra)
     proc = subprocess.Popen(
         [*cmd, "--port", str(port), "--log-level", log_level, *extra],
         stdin=subprocess.DEVNULL,
