@@ -15,8 +15,9 @@ import pytest
 from PIL import Image
 
 from gateway.cli import _parser, main
-from gateway.testing import ServedSim, registry_yaml
-from tests.support import body, gateway_process, sim_workers
+from gateway.simworker import SimConfig, create_sim_app
+from gateway.testing import ServedSim, registry_yaml, serve_in_thread
+from tests.support import body, gateway_process
 
 WORKERS_NOTE = "note: --workers is deprecated, write --processes"
 CHECK_NOTE = "note: `gateway check FILE` is deprecated"
@@ -48,8 +49,8 @@ def test_served_gateway_round_trip(tmp_path: Path, fast_sims: list[ServedSim]) -
 
 
 def test_served_gateway_dead_and_slow_workers(tmp_path: Path) -> None:
-    with sim_workers(["--step-ms", "200", "--size", "32"]) as (slow,):
-        config = write_config(tmp_path, [slow.url], timeout_s=0.5)
+    with serve_in_thread(create_sim_app(SimConfig(step_ms=200, size=32))) as slow:
+        config = write_config(tmp_path, [slow], timeout_s=0.5)
         with gateway_process(config) as url:
             timed_out = httpx.post(
                 url + "/v1/images/generations", json=body(num_inference_steps=10)
