@@ -4,9 +4,11 @@ no subprocess: fake workers and the gateway itself, in the test's own event loop
     from gateway.testing import Answer, fake_worker, registry_yaml, served_gateway
 
     async def test_my_client() -> None:
-        async with fake_worker() as worker:  # answers a real image of the format asked
+        async with fake_worker() as worker:  # answers a real JPEG or PNG, as asked
             async with served_gateway(registry_yaml({"sdxl": [worker.url]})) as url:
-                ...  # your client against `url`
+                ...  # your client against url: an image
+                worker.answer = Answer(status=500)
+                ...  # now a 502 that names the worker
         assert worker.received[0]["prompt"] == "a red fox"
 
 - **Fake workers** (`fake_worker`, `FakeWorker`): an aiohttp server on 127.0.0.1 that

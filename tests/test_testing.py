@@ -47,6 +47,22 @@ def image_format(answer: bytes) -> str | None:
     return image.format
 
 
+async def test_the_example_in_the_readme() -> None:
+    async with (
+        fake_worker() as worker,
+        served_gateway(registry_yaml({"sdxl": [worker.url]})) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        image = await client.post(GEN, json=body(prompt="a red fox"))
+        worker.answer = Answer(status=500)
+        failed = await client.post(GEN, json=body(prompt="a red fox", seed=1))
+    assert image.status_code == 200
+    assert image_format(image.content) == "JPEG"
+    assert failed.status_code == 502
+    assert "worker sdxl-0" in failed.json()["detail"]
+    assert worker.received[0]["prompt"] == "a red fox"
+
+
 def test_the_stock_answers_are_whole_images_of_their_format() -> None:
     assert image_format(JPEG_ANSWER) == "JPEG"
     assert image_format(PNG_ANSWER) == "PNG"
