@@ -215,3 +215,12 @@ def _top_level_imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module.split(".")[0])
     return names
+
+
+def test_the_benches_import_nothing_of_the_tests() -> None:
+    """bench/ runs without the test suite: what it shares with the tests comes from
+    gateway.testing."""
+    bench = Path(gateway.testing.__file__).parent.parent / "bench"
+    imported = {p.name: _top_level_imports(p) for p in sorted(bench.glob("*.py"))}
+    assert "gateway" in imported["cache.py"], "the check reads each bench's imports"
+    assert not {name for name, found in imported.items() if "tests" in found}
