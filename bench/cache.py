@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -25,9 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import redis
 import uvloop
 
-from tests.support import gateway_process, redis_server, registry_yaml, sim_workers
+from gateway.cli import free_port
+from gateway.simworker import spawn, stop, wait_healthy
+from gateway.testing import registry_yaml
 
 PATH = "/v1/images/generations"
 
@@ -87,13 +93,61 @@ async def drive(
 
 
 @contextmanager
+def sim_worker(*options: str) -> Iterator[str]:
+    """`gateway sim-worker` in a child process; its URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = spawn(port, *options)
+    try:
+        wait_healthy(url, proc=proc)
+        yield url
+    finally:
+        stop(proc)
+
+
+@contextmanager
+def redis_server(workdir: Path) -> Iterator[str]:
+    """redis-server on loopback, no persistence; its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server not found: apt-get install -y redis-server")
+    port = free_port()
+    cmd = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--dir", str(workdir)]
+    proc = subprocess.Popen([*cmd, "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    try:
+        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("redis-server did not start") from None
+                time.sleep(0.02)
+        client.close()
+        yield f"redis://127.0.0.1:{port}"
+    finally:
+        stop(proc)
+
+
+@contextmanager
 def gateway(worker_url: str, cache: dict[str, Any] | None, workdir: Path) -> Iterator[str]:
+    """`gateway serve` in a child process on a registry of `worker_url`; its URL."""
     config = workdir / f"adapters-{len(list(workdir.iterdir()))}.yaml"
     config.write_text(
         registry_yaml({"sdxl": [{"url": worker_url, "max_concurrency": 64}]}, cache=cache)
     )
-    with gateway_process(str(config), "--drain-grace-s", "0") as url:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    serve = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
+    options = ["--port", str(port), "--log-level", "warning", "--drain-grace-s", "0"]
+    proc = subprocess.Popen([*serve, *options], stdin=subprocess.DEVNULL)
+    try:
+        wait_healthy(url, proc=proc, path="/healthz")
         yield url
+    finally:
+        stop(proc)
 
 
 async def measure(args: argparse.Namespace, worker: str, gateways: dict[str, str]) -> list[Run]:
@@ -171,15 +225,15 @@ def main() -> None:
     args = parser.parse_args()
     sim = ["--step-ms", str(args.step_ms), "--concurrency", "64", "--size", str(args.size)]
     with ExitStack() as stack:
-        (worker,) = stack.enter_context(sim_workers(sim))
-        redis = stack.enter_context(redis_server())
+        worker = stack.enter_context(sim_worker(*sim))
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        redis_url = stack.enter_context(redis_server(workdir))
         gateways = {
-            "memory": stack.enter_context(gateway(worker.url, None, workdir)),
-            "redis": stack.enter_context(gateway(worker.url, {"url": redis.url}, workdir)),
+            "memory": stack.enter_context(gateway(worker, None, workdir)),
+            "redis": stack.enter_context(gateway(worker, {"url": redis_url}, workdir)),
         }
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runs = runner.run(measure(args, worker.url, gateways))
+            runs = runner.run(measure(args, worker, gateways))
     print(
         f"sim worker: {args.steps} steps x {args.step_ms:g} ms, {args.size}px JPEG; "
         f"{args.concurrency} concurrent clients\n"

@@ -23,21 +23,13 @@ from typing import Any
 
 import httpx
 import uvicorn
-from starlette.types import ASGIApp
 from uvicorn.supervisors import Multiprocess
 
 from gateway.app import create_app
 from gateway.auth import hash_key, new_key
 from gateway.errors import ConfigError
-from gateway.logs import log_config
-from gateway.registry import CacheSpec, LimitsSpec, Registry, load_registry, redacted
-from gateway.server import (
-    SERVED_PROTOCOL,
-    BoundedHttpToolsProtocol,
-    ServerLimits,
-    bounded_protocol,
-    raise_fd_limit,
-)
+from gateway.registry import CacheSpec, Registry, load_registry, redacted
+from gateway.server import SERVED_PROTOCOL, ServerLimits, raise_fd_limit, uvicorn_config
 from gateway.settings import Settings
 from gateway.simworker import SimConfig, create_sim_app, spawn, stop, wait_healthy
 
@@ -205,7 +197,7 @@ def serve(args: argparse.Namespace) -> int:
     settings = _settings(args, drain_grace_s=args.drain_grace_s, reload_every_s=args.reload_every_s)
     # A bad file or variable stops us here, with its line and key, before any process starts.
     registry = settings.over(load_registry(settings.config))
-    config = _fast(
+    config = uvicorn_config(
         "gateway.app:app_from_env",
         factory=True,
         host=args.host,
@@ -241,37 +233,6 @@ def _multiprocess_metrics(path: str | None) -> Iterator[str]:
     finally:
         if path is None:
             shutil.rmtree(directory, ignore_errors=True)
-
-
-def _fast(
-    app: ASGIApp | str,
-    *,
-    log_level: str,
-    host: str = "127.0.0.1",
-    port: int = 0,
-    http: type[BoundedHttpToolsProtocol] | str | None = None,
-    limits: LimitsSpec | None = None,
-    configure_logging: bool = True,
-    **options: Any,
-) -> uvicorn.Config:
-    """Every server here: uvloop + httptools and no access log, measured as what the hot
-    path needs; httptools bounded in head size, time and connections (see server.py:
-    `http`, else a class bounded by `limits`, default ones if None; uvicorn's
-    `timeout_keep_alive` is the class's too); no `Server` header, which would only tell
-    a scanner what to try. `configure_logging=False` leaves the process's logging as it
-    is (for a server inside a test run); `options` go to uvicorn.Config as they are."""
-    return uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_level=log_level,
-        log_config=log_config(log_level) if configure_logging else None,
-        loop="uvloop",
-        http=http or bounded_protocol(limits or LimitsSpec()),
-        access_log=False,
-        server_header=False,
-        **options,
-    )
 
 
 def check(args: argparse.Namespace) -> int:
@@ -345,7 +306,7 @@ def sim_worker(args: argparse.Namespace) -> int:
         rng_seed=args.seed,
     )
     app = create_sim_app(config)
-    uvicorn.Server(_fast(app, host=args.host, port=args.port, log_level="warning")).run()
+    uvicorn.Server(uvicorn_config(app, host=args.host, port=args.port, log_level="warning")).run()
     return 0
 
 
@@ -388,7 +349,7 @@ def demo(args: argparse.Namespace) -> int:
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         print(routing_table(registry))
         print(f"\ngateway listening on {url}\n\n{_curl_example(url, registry)}\n", flush=True)
-        config = _fast(
+        config = uvicorn_config(
             create_app(registry),
             log_level="warning",
             limits=registry.limits,

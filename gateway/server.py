@@ -28,6 +28,9 @@ the request could be due and re-arms itself if bytes came meanwhile.
 
 Every answer written here comes from `gateway.errors.error_response`, the one error
 table, in the gateway's JSON shape (uvicorn's own 400 is plain text).
+
+`uvicorn_config` is the one uvicorn configuration that `gateway serve`, the demo, sim
+workers and gateway.testing's in-process servers all start from.
 """
 
 from __future__ import annotations
@@ -38,7 +41,10 @@ import logging
 import resource
 import time
 from dataclasses import dataclass
+from typing import Any
 
+import uvicorn
+from starlette.types import ASGIApp
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from gateway.errors import (
@@ -49,6 +55,7 @@ from gateway.errors import (
     RequestTimeout,
     error_response,
 )
+from gateway.logs import log_config
 from gateway.registry import LimitsSpec
 
 log = logging.getLogger("gateway.server")
@@ -337,3 +344,35 @@ def bounded_protocol(spec: LimitsSpec) -> type[BoundedHttpToolsProtocol]:
         limits = ServerLimits.of(spec)
 
     return Bounded
+
+
+def uvicorn_config(
+    app: ASGIApp | str,
+    *,
+    log_level: str,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    http: type[BoundedHttpToolsProtocol] | str | None = None,
+    limits: LimitsSpec | None = None,
+    configure_logging: bool = True,
+    **options: Any,
+) -> uvicorn.Config:
+    """Every server of ours (`gateway serve`, the demo, sim workers, gateway.testing):
+    uvloop + httptools and no access log, measured as what the hot path needs;
+    httptools bounded in head size, time and connections (`http`, else a class bounded
+    by `limits`, default ones if None; uvicorn's `timeout_keep_alive` is the class's
+    too); no `Server` header, which would only tell a scanner what to try.
+    `configure_logging=False` leaves the process's logging as it is (for a server
+    inside a test run); `options` go to uvicorn.Config as they are."""
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        log_config=log_config(log_level) if configure_logging else None,
+        loop="uvloop",
+        http=http or bounded_protocol(limits or LimitsSpec()),
+        access_log=False,
+        server_header=False,
+        **options,
+    )

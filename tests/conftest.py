@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 
 import pytest
 
 from gateway.settings import ENV_VARIABLES
-from tests.support import RedisServer, SimWorker, redis_server, sim_workers
+from gateway.simworker import create_sim_app
+from gateway.testing import FAST_SIM, ServedSim, serve_in_thread
+from tests.support import RedisServer, redis_server
 
 # A developer's own settings never reach what the tests start: a GATEWAY_REDIS_URL
 # would point every "memory cache" gateway process at their Redis. Tests that need a
@@ -16,11 +19,16 @@ for _name in ENV_VARIABLES:
 
 
 @pytest.fixture(scope="session")
-def fast_sims() -> Iterator[list[SimWorker]]:
-    """Two real sim workers, 1 ms a step, shared by the tests that only need images."""
-    options = ["--step-ms", "1", "--concurrency", "4", "--adapter-load-ms", "0", "--size", "128"]
-    with sim_workers(options, options) as workers:
-        yield workers
+def fast_sims() -> Iterator[list[ServedSim]]:
+    """Two sim workers (1 ms a step, 128 px) shared by the tests that only need real,
+    deterministic images. Served in this process, each in a thread of its own, so that
+    sync tests, and the gateway processes some tests start, reach them as well."""
+    with contextlib.ExitStack() as stack:
+        sims = []
+        for _ in range(2):
+            app = create_sim_app(FAST_SIM)
+            sims.append(ServedSim(stack.enter_context(serve_in_thread(app)), app))
+        yield sims
 
 
 @pytest.fixture(scope="session")

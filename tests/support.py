@@ -1,17 +1,16 @@
-"""Real servers on loopback for tests: sim workers, a scripted worker, the gateway,
-redis-server (plain, TLS or a one-node cluster) and a socket that never answers.
+"""What the tests need beyond gateway.testing (the public kit: fake workers, the
+gateway in memory or served in process): real processes where the process is the
+point (`gateway sim-worker` and `gateway serve` children, redis-server plain, TLS or a
+one-node cluster, Prometheus), and this suite's own conveniences (registries, request
+bodies, the pipeline without its HTTP front, a fake clock, raw HTTP exchanges).
 
-Every server here listens on 127.0.0.1 on a free port and is stopped by its owner.
+Every server here listens on 127.0.0.1 and is stopped by its owner.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import functools
-import io
-import json
 import random
 import shutil
 import socket
@@ -19,37 +18,30 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import pytest
 import redis
-import uvicorn
-import yaml
-from aiohttp import web
-from PIL import Image
-from starlette.applications import Starlette
 
-from gateway.app import create_app
 from gateway.auth import hash_key
 from gateway.balancer import Balancer, Clock, Pool
 from gateway.cache import MemoryCache, ResultCache
-from gateway.cli import _fast, free_port
+from gateway.cli import free_port
 from gateway.coalesce import Coalescer
-from gateway.discovery import FakeResolver, Resolver
 from gateway.errors import UpstreamError
 from gateway.pipeline import Pipeline
 from gateway.prober import Prober
 from gateway.protocols import open_worker_session
 from gateway.registry import CacheSpec, Registry, load_registry, parse_registry
 from gateway.reload import RegistryFile
-from gateway.schema import ImageGenerationBody, ResponseFormat
+from gateway.schema import ImageGenerationBody
 from gateway.simworker import spawn, stop, wait_healthy
-from gateway.state import served_of
+from gateway.testing import Gateway, gateway, registry_yaml
 
 
 @dataclass
@@ -79,37 +71,17 @@ def sim_workers(*option_lists: Sequence[str]) -> Iterator[list[SimWorker]]:
             stop(worker.proc)
 
 
-def generations(workers: Sequence[SimWorker]) -> int:
+class Sim(Protocol):
+    """A sim worker, in a process (`SimWorker`) or in this one (gateway.testing.ServedSim)."""
+
+    url: str
+
+    def stats(self) -> dict[str, Any]: ...
+
+
+def generations(workers: Sequence[Sim]) -> int:
     """Images drawn so far by these sim workers, all together."""
     return sum(int(worker.stats()["generations"]) for worker in workers)
-
-
-def registry_yaml(
-    pools: Mapping[str, Sequence[str | dict[str, Any]]],
-    adapters: Sequence[dict[str, Any]] | None = None,
-    *,
-    sections: Mapping[str, Any] | None = None,
-    cache: dict[str, Any] | None = None,
-    **pool_options: Any,
-) -> str:
-    """adapters.yaml text: each pool's workers by URL (or full dict), same options each;
-    `sections` adds top-level sections (`auth`, `limits`), `cache` the `cache:` one."""
-    data: dict[str, Any] = {
-        "pools": {
-            name: {
-                "workers": [w if isinstance(w, dict) else {"url": w} for w in workers],
-                **pool_options,
-            }
-            for name, workers in pools.items()
-        },
-        "adapters": list(adapters)
-        if adapters is not None
-        else [{"name": name, "pool": name, "default": i == 0} for i, name in enumerate(pools)],
-        **(sections or {}),
-    }
-    if cache is not None:
-        data["cache"] = cache
-    return yaml.safe_dump(data, sort_keys=False)
 
 
 def make_registry(
@@ -134,81 +106,12 @@ def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-@dataclass
-class Gateway:
-    """The gateway app in memory, and an httpx client wired to it."""
-
-    app: Starlette
-    client: httpx.AsyncClient
-
-    @property
-    def pipeline(self) -> Pipeline:
-        pipeline: Pipeline = served_of(self.app).pipeline
-        return pipeline
-
-
-@asynccontextmanager
-async def gateway(
-    registry: Registry,
-    *,
-    resolver: Resolver | None = None,
-    clock: Clock = time.monotonic,
-    **options: Any,
-) -> AsyncIterator[Gateway]:
-    """The gateway app with its lifespan run (background probes and discovery too),
-    driven through httpx.ASGITransport; DNS comes from `resolver` (none by default).
-    `options` go to create_app."""
-    app = create_app(registry, resolver=resolver or FakeResolver(), clock=clock, **options)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
-            yield Gateway(app, client)
-
-
 def gateway_from_file(
     path: Path, text: str, **options: Any
 ) -> contextlib.AbstractAsyncContextManager[Gateway]:
     """`gateway()` serving `text`, written to `path` first and reloadable from there."""
     path.write_text(text)
     return gateway(load_registry(path), source=RegistryFile(path), **options)
-
-
-@asynccontextmanager
-async def gateway_client(
-    registry: Registry, *, resolver: Resolver | None = None
-) -> AsyncIterator[httpx.AsyncClient]:
-    """Just the client of `gateway()`."""
-    async with gateway(registry, resolver=resolver) as gw:
-        yield gw.client
-
-
-@asynccontextmanager
-async def gateway_server(registry: Registry) -> AsyncIterator[tuple[str, Starlette]]:
-    """The gateway under a real uvicorn in this process's loop, on a free loopback port,
-    with the same server settings as `gateway serve` (httptools bounded by the
-    registry's `limits`, no Server header); yields its URL and the app. For what only
-    a real server does (disconnects, raw bytes, head limits, slow clients); quicker to
-    start than `gateway_process`."""
-    app = create_app(registry, resolver=FakeResolver())
-    config = _fast(
-        app,
-        log_level="warning",
-        port=free_port(),
-        limits=registry.limits,
-        configure_logging=False,
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    try:
-        while not server.started:
-            if task.done():
-                task.result()  # raises what stopped it
-                raise RuntimeError("gateway server exited during start-up")
-            await asyncio.sleep(0.01)
-        yield f"http://127.0.0.1:{config.port}", app
-    finally:
-        server.should_exit = True
-        await task
 
 
 @asynccontextmanager
@@ -274,153 +177,6 @@ def body(**overrides: Any) -> dict[str, Any]:
     return {"prompt": "a red fox", "num_inference_steps": 4, "guidance_scale": 7.5, **overrides}
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@dataclass
-class ScriptedWorker:
-    """A worker whose every answer the test writes; it records what it was sent.
-    `GET /health` answers 200 while `healthy` is true, 503 otherwise."""
-
-    handler: Handler
-    url: str = ""
-    healthy: bool = True
-    received: list[dict[str, Any]] = field(default_factory=list)
-    headers: list[dict[str, str]] = field(default_factory=list)
-    probes: int = 0
-
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        self.received.append(json.loads(await request.read()))
-        self.headers.append(dict(request.headers))
-        return await self.handler(request)
-
-    async def _health(self, request: web.Request) -> web.StreamResponse:
-        self.probes += 1
-        return web.json_response({"status": "ok"}, status=200 if self.healthy else 503)
-
-
-@asynccontextmanager
-async def scripted_worker(handler: Handler) -> AsyncIterator[ScriptedWorker]:
-    worker = ScriptedWorker(handler)
-    app = web.Application()
-    app.router.add_post("/v1/images/generations", worker._handle)
-    app.router.add_get("/health", worker._health)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    worker.url = f"http://127.0.0.1:{port}"
-    try:
-        yield worker
-    finally:
-        await runner.cleanup()
-
-
-@asynccontextmanager
-async def scripted_workers(*handlers: Handler) -> AsyncIterator[list[ScriptedWorker]]:
-    """Several scripted workers, one per handler, all stopped at exit."""
-    async with contextlib.AsyncExitStack() as stack:
-        yield [await stack.enter_async_context(scripted_worker(h)) for h in handlers]
-
-
-@functools.cache
-def image_bytes(response_format: ResponseFormat = "jpeg", *, side: int = 8) -> bytes:
-    """A real image, `side` pixels square, of seeded noise (so it hardly compresses):
-    JPEG, or PNG for `raw`. Made once per argument set."""
-    noise = random.Random(side).randbytes(side * side * 3)
-    out = io.BytesIO()
-    image = Image.frombytes("RGB", (side, side), noise)
-    image.save(out, format="PNG" if response_format == "raw" else "JPEG", quality=90)
-    return out.getvalue()
-
-
-def image_answer(response_format: ResponseFormat = "jpeg", *, side: int = 8) -> bytes:
-    """A worker's success body, `{"image": "<base64>"}`, that passes the answer check."""
-    return b'{"image":"' + base64.b64encode(image_bytes(response_format, side=side)) + b'"}'
-
-
-JPEG_ANSWER = image_answer("jpeg")
-PNG_ANSWER = image_answer("raw")
-
-
-async def answer_for(request: web.Request) -> bytes:
-    """The success body for what `request` asked: JPEG, or PNG for `raw`."""
-    asked = json.loads(await request.read()).get("response_format")
-    return PNG_ANSWER if asked == "raw" else JPEG_ANSWER
-
-
-def image_ok(payload: bytes | None = None) -> Handler:
-    """200 with `payload`; by default a valid image of the format the request asked."""
-
-    async def handler(request: web.Request) -> web.StreamResponse:
-        answer = payload if payload is not None else await answer_for(request)
-        return web.Response(body=answer, content_type="application/json")
-
-    return handler
-
-
-def sleeps(seconds: float) -> Handler:
-    async def handler(request: web.Request) -> web.StreamResponse:
-        await asyncio.sleep(seconds)
-        return web.Response(body=await answer_for(request), content_type="application/json")
-
-    return handler
-
-
-def answers(status: int, text: str) -> Handler:
-    async def handler(request: web.Request) -> web.StreamResponse:
-        return web.Response(status=status, text=text, content_type="application/json")
-
-    return handler
-
-
-def held(release: asyncio.Event, payload: bytes | None = None) -> Handler:
-    """Answers only once the test sets `release`: a worker busy for as long as needed.
-    `payload` as for `image_ok`."""
-
-    async def handler(request: web.Request) -> web.StreamResponse:
-        await release.wait()
-        answer = payload if payload is not None else await answer_for(request)
-        return web.Response(body=answer, content_type="application/json")
-
-    return handler
-
-
-@asynccontextmanager
-async def released_at_exit(release: asyncio.Event) -> AsyncIterator[None]:
-    """Sets `release` when the block ends, however: a failing test must not leave a
-    `held` worker holding, nor a server waiting on it at shutdown."""
-    try:
-        yield
-    finally:
-        release.set()
-
-
-def trickles(every_s: float) -> Handler:
-    """Starts a 200 answer, then sends a byte every `every_s`, never finishing."""
-
-    async def handler(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
-        await resp.prepare(request)
-        await resp.write(b'{"image":"')
-        while True:
-            await asyncio.sleep(every_s)
-            await resp.write(b"A")
-
-    return handler
-
-
-def delayed(handler: Handler, seconds: float) -> Handler:
-    """`handler`, answering `seconds` later (so that requests overlap)."""
-
-    async def handle(request: web.Request) -> web.StreamResponse:
-        await asyncio.sleep(seconds)
-        return await handler(request)
-
-    return handle
-
-
 async def eventually(condition: Callable[[], bool], *, within_s: float = 10.0) -> None:
     """Wait until another task makes `condition` true; fail only if it never does.
     (A wait for an event, never an assertion about speed.)"""
@@ -450,9 +206,13 @@ def gateway_process(
 def gateway_child(
     config_path: str, *extra: str, log_level: str = "warning", **popen: Any
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """As gateway_process, with the process too (to signal it)."""
+    """As gateway_process, with the process too (to signal it). Unless `extra` sets
+    --drain-grace-s, the process stops as soon as it is told: the default grace (5 s)
+    would cost every test that much at its end, and outlast `stop`'s own wait."""
     port = free_port()
     cmd = [sys.executable, "-m", "gateway", "serve", "--config", config_path]
+    if "--drain-grace-s" not in extra:
+        extra = ("--drain-grace-s", "0", *extra)
     proc = subprocess.Popen(
         [*cmd, "--port", str(port), "--log-level", log_level, *extra],
         stdin=subprocess.DEVNULL,
@@ -660,13 +420,6 @@ def prometheus_server(config: str, workdir: Path) -> Iterator[str]:
         finally:
             stop(proc, grace_s=10)
             shutil.rmtree(data, ignore_errors=True)
-
-
-@asynccontextmanager
-async def served_gateway(registry: Registry) -> AsyncIterator[str]:
-    """`gateway_server`'s URL alone."""
-    async with gateway_server(registry) as (url, _):
-        yield url
 
 
 async def raw_exchange(url: str, request: bytes, *, timeout_s: float = 5.0) -> bytes:

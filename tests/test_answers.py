@@ -8,7 +8,7 @@ import json
 import pytest
 
 from gateway.answers import problem
-from tests.support import JPEG_ANSWER, PNG_ANSWER, image_answer, image_bytes
+from gateway.testing import JPEG_ANSWER, PNG_ANSWER, image_answer, image_bytes
 
 
 def wrapped(data: bytes) -> bytes:

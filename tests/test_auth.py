@@ -18,18 +18,8 @@ from starlette.requests import Request
 from gateway.auth import authenticate, hash_key
 from gateway.cli import main
 from gateway.registry import Registry
-from tests.support import (
-    ScriptedWorker,
-    api_key,
-    bearer,
-    body,
-    gateway,
-    gateway_from_file,
-    image_ok,
-    make_registry,
-    scripted_worker,
-    served_gateway,
-)
+from gateway.testing import FakeWorker, fake_worker, gateway, image_ok, served_gateway
+from tests.support import api_key, bearer, body, gateway_from_file, make_registry
 
 TEAM_A = "gw_team-a-secret"
 TEAM_B = "gw_team-b-secret"
@@ -48,10 +38,10 @@ def auth_registry(worker_url: str, **auth: Any) -> Registry:
 
 
 @asynccontextmanager
-async def guarded(**auth: Any) -> AsyncIterator[tuple[ScriptedWorker, httpx.AsyncClient]]:
+async def guarded(**auth: Any) -> AsyncIterator[tuple[FakeWorker, httpx.AsyncClient]]:
     """A scripted worker behind the real gateway, served on loopback, keys required."""
     async with (
-        scripted_worker(image_ok()) as worker,
+        fake_worker(image_ok()) as worker,
         served_gateway(auth_registry(worker.url, **auth)) as url,
         httpx.AsyncClient(base_url=url) as client,
     ):

@@ -28,7 +28,8 @@ from gateway.cli import main
 from gateway.errors import CacheUnavailable, ConfigError
 from gateway.registry import AdapterSpec, CacheSpec, parse_registry, redacted, with_redis_url
 from gateway.schema import MAX_SEED, ImageGenerationBody, WorkerRequest
-from tests.support import blackhole, dead_url, redis_cache, redis_server, registry_yaml
+from gateway.testing import registry_yaml
+from tests.support import blackhole, dead_url, redis_cache, redis_server
 
 ADAPTER = AdapterSpec(name="sdxl-base", pool="sdxl")
 FLUX = AdapterSpec(name="flux-schnell", pool="flux", ignore=("guidance_scale",))

@@ -17,22 +17,24 @@ from starlette.applications import Starlette
 
 from gateway.metrics import Metrics
 from gateway.state import state_of
-from tests.support import (
-    SimWorker,
-    blackhole,
-    body,
+from gateway.testing import (
+    ServedSim,
     delayed,
+    fake_worker,
     gateway,
     gateway_client,
-    gateway_process,
-    generations,
     image_answer,
     image_ok,
+    registry_yaml,
+)
+from tests.support import (
+    blackhole,
+    body,
+    gateway_process,
+    generations,
     make_registry,
     redis_cache,
     redis_server,
-    registry_yaml,
-    scripted_worker,
 )
 
 PATH = "/v1/images/generations"
@@ -57,13 +59,13 @@ def metric(app: Starlette, name: str, **labels: str) -> float:
     )
 
 
-def pools(workers: list[SimWorker]) -> dict[str, Sequence[str | dict[str, Any]]]:
+def pools(workers: list[ServedSim]) -> dict[str, Sequence[str | dict[str, Any]]]:
     return {"sdxl": [worker.url for worker in workers]}
 
 
 @pytest.mark.parametrize("backend", ["memory", "redis"])
 async def test_miss_then_hit_returns_the_workers_bytes_untouched(
-    backend: str, fast_sims: list[SimWorker], request: pytest.FixtureRequest
+    backend: str, fast_sims: list[ServedSim], request: pytest.FixtureRequest
 ) -> None:
     url = request.getfixturevalue("redis_url") if backend == "redis" else None
     cache = redis_cache(url) if url else None
@@ -82,7 +84,7 @@ async def test_miss_then_hit_returns_the_workers_bytes_untouched(
 
 
 async def test_a_seedless_request_is_cached_under_the_seed_it_was_given(
-    fast_sims: list[SimWorker],
+    fast_sims: list[ServedSim],
 ) -> None:
     async with gateway_client(make_registry(pools(fast_sims))) as client:
         first = await post(client, prompt="a seedless fox")
@@ -95,7 +97,7 @@ async def test_a_seedless_request_is_cached_under_the_seed_it_was_given(
 
 
 async def test_no_cache_regenerates_and_stores_no_store_does_neither(
-    fast_sims: list[SimWorker], redis_url: str
+    fast_sims: list[ServedSim], redis_url: str
 ) -> None:
     registry = make_registry(pools(fast_sims), cache=redis_cache(redis_url))
     before = generations(fast_sims)
@@ -114,7 +116,7 @@ async def test_no_cache_regenerates_and_stores_no_store_does_neither(
         assert generations(fast_sims) - before == 5
 
 
-async def test_entries_expire_after_their_ttl(fast_sims: list[SimWorker], redis_url: str) -> None:
+async def test_entries_expire_after_their_ttl(fast_sims: list[ServedSim], redis_url: str) -> None:
     registry = make_registry(pools(fast_sims), cache=redis_cache(redis_url, ttl_s=0.3))
     async with gateway_client(registry) as client:
         assert (await post(client, seed=3)).headers["x-cache"] == "miss"
@@ -124,7 +126,7 @@ async def test_entries_expire_after_their_ttl(fast_sims: list[SimWorker], redis_
 
 
 async def test_a_revision_bump_never_serves_old_entries(
-    fast_sims: list[SimWorker], redis_url: str
+    fast_sims: list[ServedSim], redis_url: str
 ) -> None:
     def registry(revision: str) -> Any:
         adapter = {"name": "sdxl", "pool": "sdxl", "default": True, "revision": revision}
@@ -140,7 +142,7 @@ async def test_a_revision_bump_never_serves_old_entries(
 
 @pytest.mark.parametrize("backend", ["memory", "redis"])
 async def test_entries_over_max_entry_bytes_are_not_stored(
-    backend: str, fast_sims: list[SimWorker], request: pytest.FixtureRequest
+    backend: str, fast_sims: list[ServedSim], request: pytest.FixtureRequest
 ) -> None:
     cache: dict[str, Any] = {"max_entry_bytes": 100}
     if backend == "redis":
@@ -153,7 +155,7 @@ async def test_entries_over_max_entry_bytes_are_not_stored(
 
 
 async def test_a_disabled_cache_says_bypass_and_stores_nothing(
-    fast_sims: list[SimWorker],
+    fast_sims: list[ServedSim],
 ) -> None:
     registry = make_registry(pools(fast_sims), cache={"enabled": False})
     async with gateway_client(registry) as client:
@@ -167,7 +169,7 @@ BIG = image_answer("jpeg", side=500)  # about 300 KB, like a 1024px JPEG in base
 async def test_a_tiny_redis_with_allkeys_lru_evicts_and_keeps_serving() -> None:
     lru = ["--maxmemory", "4mb", "--maxmemory-policy", "allkeys-lru"]
     with redis_server(*lru) as server:
-        async with scripted_worker(image_ok(BIG)) as worker:
+        async with fake_worker(image_ok(BIG)) as worker:
             registry = make_registry({"sdxl": [worker.url]}, cache=redis_cache(server.url))
             async with gateway(registry) as gw:
                 for seed in range(30):
@@ -182,7 +184,7 @@ async def test_a_tiny_redis_with_allkeys_lru_evicts_and_keeps_serving() -> None:
 
 async def test_a_full_redis_that_refuses_writes_never_fails_a_request() -> None:
     with redis_server("--maxmemory", "2mb", "--maxmemory-policy", "noeviction") as server:
-        async with scripted_worker(image_ok(BIG)) as worker:
+        async with fake_worker(image_ok(BIG)) as worker:
             registry = make_registry({"sdxl": [worker.url]}, cache=redis_cache(server.url))
             async with gateway(registry) as gw:
                 for seed in range(15):
@@ -191,7 +193,7 @@ async def test_a_full_redis_that_refuses_writes_never_fails_a_request() -> None:
                 assert refused >= 1, "OOM refusals were counted"
 
 
-async def test_redis_killed_mid_run_then_back(fast_sims: list[SimWorker]) -> None:
+async def test_redis_killed_mid_run_then_back(fast_sims: list[ServedSim]) -> None:
     cooldown = 0.3
     with redis_server() as server:
         # Refused connections fail at once; the timeouts only need to outlast a busy CI
@@ -221,7 +223,7 @@ async def test_redis_killed_mid_run_then_back(fast_sims: list[SimWorker]) -> Non
 
 
 async def test_a_redis_that_never_answers_costs_at_most_its_timeouts(
-    fast_sims: list[SimWorker],
+    fast_sims: list[ServedSim],
 ) -> None:
     with blackhole() as url:
         cache = {"url": url, "timeout_ms": 50, "connect_timeout_ms": 50, "cooldown_s": 60}
@@ -241,7 +243,7 @@ async def test_a_redis_that_never_answers_costs_at_most_its_timeouts(
 
 
 async def test_fifty_identical_requests_make_one_generation(
-    fast_sims: list[SimWorker], redis_url: str
+    fast_sims: list[ServedSim], redis_url: str
 ) -> None:
     registry = make_registry(pools(fast_sims), cache=redis_cache(redis_url))
     before = generations(fast_sims)
@@ -262,7 +264,7 @@ async def fails_slowly(request: web.Request) -> web.StreamResponse:
 
 
 async def test_a_failed_generation_fails_its_coalesced_requests_cleanly() -> None:
-    async with scripted_worker(fails_slowly) as worker:
+    async with fake_worker(fails_slowly) as worker:
         registry = make_registry({"sdxl": [worker.url]})
         async with gateway_client(registry) as client, asyncio.timeout(10):
             responses = await asyncio.gather(
@@ -280,7 +282,7 @@ async def test_two_gateway_processes_sharing_redis_make_one_generation(
     did not lead waited on the other through Redis (its `remote` count), which a late
     cache hit alone would not show. The worker takes 2 s, so every request arrives
     while that generation runs."""
-    async with scripted_worker(delayed(image_ok(), 2.0)) as worker:
+    async with fake_worker(delayed(image_ok(), 2.0)) as worker:
         config = tmp_path / "adapters.yaml"
         config.write_text(registry_yaml({"sdxl": [worker.url]}, cache=redis_cache(redis_url)))
         no_drain = ("--drain-grace-s", "0")  # nothing to drain at the end: stop at once
@@ -312,7 +314,7 @@ def scraped(text: str, name: str, **labels: str) -> float:
 
 
 async def test_a_reload_that_changes_the_cache_section_says_it_needs_a_restart(
-    fast_sims: list[SimWorker], caplog: pytest.LogCaptureFixture
+    fast_sims: list[ServedSim], caplog: pytest.LogCaptureFixture
 ) -> None:
     registry = make_registry(pools(fast_sims))
     async with gateway(registry) as gw:

@@ -15,7 +15,9 @@ import pytest
 from PIL import Image
 
 from gateway.cli import _parser, main
-from tests.support import SimWorker, body, gateway_process, registry_yaml, sim_workers
+from gateway.simworker import SimConfig, create_sim_app
+from gateway.testing import ServedSim, registry_yaml, serve_in_thread
+from tests.support import body, gateway_process
 
 WORKERS_NOTE = "note: --workers is deprecated, write --processes"
 CHECK_NOTE = "note: `gateway check FILE` is deprecated"
@@ -31,7 +33,7 @@ def write_config(tmp_path: Path, urls: list[str], **pool_options: Any) -> str:
     return str(path)
 
 
-def test_served_gateway_round_trip(tmp_path: Path, fast_sims: list[SimWorker]) -> None:
+def test_served_gateway_round_trip(tmp_path: Path, fast_sims: list[ServedSim]) -> None:
     config = write_config(tmp_path, [s.url for s in fast_sims])
     with gateway_process(config) as url:
         resp = httpx.post(url + "/v1/images/generations", json=body(model="pixel-art", seed=5))
@@ -47,8 +49,8 @@ def test_served_gateway_round_trip(tmp_path: Path, fast_sims: list[SimWorker]) -
 
 
 def test_served_gateway_dead_and_slow_workers(tmp_path: Path) -> None:
-    with sim_workers(["--step-ms", "200", "--size", "32"]) as (slow,):
-        config = write_config(tmp_path, [slow.url], timeout_s=0.5)
+    with serve_in_thread(create_sim_app(SimConfig(step_ms=200, size=32))) as slow:
+        config = write_config(tmp_path, [slow], timeout_s=0.5)
         with gateway_process(config) as url:
             timed_out = httpx.post(
                 url + "/v1/images/generations", json=body(num_inference_steps=10)
@@ -82,7 +84,7 @@ def test_serve_refuses_a_bad_config(tmp_path: Path) -> None:
 
 
 def test_generate_writes_the_image(
-    tmp_path: Path, fast_sims: list[SimWorker], capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, fast_sims: list[ServedSim], capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = write_config(tmp_path, [s.url for s in fast_sims])
     out = tmp_path / "fox.png"

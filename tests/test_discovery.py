@@ -4,7 +4,8 @@ from gateway.balancer import Balancer, Ticket
 from gateway.cli import routing_table
 from gateway.discovery import Discovery, FakeResolver, resolve_dns
 from gateway.registry import Registry, parse_registry
-from tests.support import FakeClock, body, gateway, image_ok, scripted_worker
+from gateway.testing import fake_worker, gateway, image_ok
+from tests.support import FakeClock, body
 
 
 def dns_registry(name: str = "workers.test", port: int = 8000) -> Registry:
@@ -74,7 +75,7 @@ async def test_the_real_resolver_answers_a_numeric_host_without_dns() -> None:
 
 
 async def test_the_app_serves_through_discovered_workers() -> None:
-    async with scripted_worker(image_ok()) as worker:
+    async with fake_worker(image_ok()) as worker:
         port = int(worker.url.rsplit(":", 1)[1])
         registry = dns_registry("workers.test", port)
         resolver = FakeResolver({"workers.test": ["127.0.0.1"]})

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.support import body, gateway_child, registry_yaml, sim_workers
+from gateway.testing import registry_yaml
+from tests.support import body, gateway_child, sim_workers
 
 SLOW = ["--step-ms", "100", "--concurrency", "8", "--size", "32"]
 

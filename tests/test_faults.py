@@ -15,7 +15,7 @@ import json
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,20 +27,16 @@ from gateway.metrics import Metrics
 from gateway.registry import Registry
 from gateway.schema import WorkerRequest
 from gateway.state import state_of
-from tests.support import (
+from gateway.testing import (
     JPEG_ANSWER,
     PNG_ANSWER,
     Gateway,
-    body,
+    fake_worker,
     gateway,
     image_bytes,
     image_ok,
-    make_registry,
-    redis_cache,
-    redis_server,
-    request,
-    scripted_worker,
 )
+from tests.support import body, make_registry, redis_cache, request
 
 GEN = "/v1/images/generations"
 LIMIT = 2**20  # max_response_bytes in these pools: the 30 MB answers pass it early
@@ -287,13 +283,19 @@ FAULTS = {
 }
 
 
-@contextmanager
-def cache_section(backend: str) -> Iterator[dict[str, Any] | None]:
-    if backend == "memory":
-        yield None
-        return
-    with redis_server() as server:
-        yield redis_cache(server.url)
+CacheSection = Callable[[str], AbstractContextManager[dict[str, Any] | None]]
+
+
+@pytest.fixture
+def cache_section(request: pytest.FixtureRequest) -> CacheSection:
+    """The `cache:` section for a backend: none (memory), or the session's
+    redis-server, emptied for this test (started only when a test asks for redis)."""
+
+    @contextmanager
+    def section(backend: str) -> Iterator[dict[str, Any] | None]:
+        yield None if backend == "memory" else redis_cache(request.getfixturevalue("redis_url"))
+
+    return section
 
 
 def metric(metrics: Metrics, name: str, **labels: str) -> float:
@@ -323,7 +325,9 @@ def pool_worker(gw: Gateway, index: int = 0) -> Worker:
 
 @pytest.mark.parametrize("backend", ["memory", "redis"])
 @pytest.mark.parametrize("case", FAULTS)
-async def test_a_misbehaving_worker_is_never_passed_on_nor_cached(case: str, backend: str) -> None:
+async def test_a_misbehaving_worker_is_never_passed_on_nor_cached(
+    case: str, backend: str, cache_section: CacheSection
+) -> None:
     fault = FAULTS[case]
     options: dict[str, Any] = {"max_response_bytes": LIMIT, "per_try_timeout_s": PER_TRY_S}
     async with raw_worker(fault.answer) as worker:
@@ -353,13 +357,13 @@ async def test_a_misbehaving_worker_is_never_passed_on_nor_cached(case: str, bac
 
 @pytest.mark.parametrize("backend", ["memory", "redis"])
 async def test_a_bad_worker_beside_a_good_one_costs_a_retry_and_poisons_nothing(
-    backend: str,
+    backend: str, cache_section: CacheSection
 ) -> None:
     # The bad worker holds the adapter's LoRA warm, so it is always tried first.
     adapters = [{"name": "fox", "pool": "p", "upstream_model": "fox-lora", "default": True}]
     async with (
         raw_worker(sends("200 OK", b"<html>oops</html>")) as bad,
-        scripted_worker(image_ok()) as good,
+        fake_worker(image_ok()) as good,
     ):
         workers: list[str | dict[str, Any]] = [{"url": bad.url, "adapters": ["fox-lora"]}, good.url]
         with cache_section(backend) as cache:
@@ -384,7 +388,7 @@ async def test_a_bad_worker_beside_a_good_one_costs_a_retry_and_poisons_nothing(
 async def test_bad_answers_are_retried_only_where_retry_on_says() -> None:
     async with (
         raw_worker(sends("200 OK", b'{"result":"done"}')) as bad,
-        scripted_worker(image_ok()) as good,
+        fake_worker(image_ok()) as good,
     ):
         adapters = [{"name": "fox", "pool": "p", "upstream_model": "fox-lora", "default": True}]
         workers: list[str | dict[str, Any]] = [{"url": bad.url, "adapters": ["fox-lora"]}, good.url]

@@ -32,16 +32,8 @@ from friendli.utils import BackoffStrategy, RetryConfig
 from PIL import Image
 
 from gateway.registry import Registry
-from tests.support import (
-    ScriptedWorker,
-    api_key,
-    eventually,
-    held,
-    make_registry,
-    released_at_exit,
-    scripted_worker,
-    served_gateway,
-)
+from gateway.testing import FakeWorker, fake_worker, held, released_at_exit, served_gateway
+from tests.support import api_key, eventually, make_registry
 
 TOKEN = "gw_sdk-client-key"
 ADAPTERS: list[dict[str, Any]] = [
@@ -169,7 +161,7 @@ async def sdk_calls(kind: str, url: str) -> AsyncIterator[tuple[Generate, Exchan
 
 
 def assert_worker_got_what_the_sdk_sent(
-    worker: ScriptedWorker, sent: dict[str, Any], *, model: str | None, fmt: str, seed: int
+    worker: FakeWorker, sent: dict[str, Any], *, model: str | None, fmt: str, seed: int
 ) -> None:
     """The worker's request is one the SDK's own model accepts, field for field and
     strictly, and it is the SDK's body with the gateway's decisions filled in."""
@@ -199,7 +191,7 @@ async def test_an_sdk_generation_through_the_gateway(
     kind: str, fields: dict[str, Any], upstream: str | None, fmt: str, adapter: str
 ) -> None:
     async with (
-        scripted_worker(draws_image) as worker,
+        fake_worker(draws_image) as worker,
         served_gateway(registry(worker.url)) as url,
         sdk_calls(kind, url) as (generate, seen),
     ):
@@ -220,7 +212,7 @@ async def test_an_sdk_generation_through_the_gateway(
 @pytest.mark.parametrize("kind", ["sync", "async"])
 async def test_errors_surface_as_the_sdks_exception_with_the_detail_intact(kind: str) -> None:
     async with (
-        scripted_worker(draws_image) as worker,
+        fake_worker(draws_image) as worker,
         served_gateway(registry(worker.url)) as url,
         sdk_calls(kind, url) as (generate, _),
     ):
@@ -242,7 +234,7 @@ async def test_errors_surface_as_the_sdks_exception_with_the_detail_intact(kind:
 
 async def test_a_wrong_token_is_the_sdks_401() -> None:
     async with (
-        scripted_worker(draws_image) as worker,
+        fake_worker(draws_image) as worker,
         served_gateway(registry(worker.url)) as url,
         async_sdk(token="gw_wrong") as (sdk, _),
     ):
@@ -259,7 +251,7 @@ async def test_the_sdks_default_retries_wait_out_a_429_as_retry_after_says() -> 
     The key allows one request every 2 s; of two calls sent together one is refused
     with `Retry-After`, and the SDK sends it again after that wait, successfully."""
     async with (
-        scripted_worker(draws_image) as worker,
+        fake_worker(draws_image) as worker,
         served_gateway(registry(worker.url, rate={"per_s": 0.5, "burst": 1})) as url,
         async_sdk(sdk_retries=True) as (sdk, seen),
     ):
@@ -280,7 +272,7 @@ async def test_after_its_timeout_the_sdk_resends_and_only_a_seed_saves_the_gener
     generation, and the call succeeds once the worker answers."""
     release = asyncio.Event()
     async with (
-        scripted_worker(held(release, image_answer())) as worker,
+        fake_worker(held(release, image_answer())) as worker,
         released_at_exit(release),
         served_gateway(registry(worker.url, slots=4)) as url,
         async_sdk(sdk_retries=True, timeout_ms=500) as (sdk, seen),

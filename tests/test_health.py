@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -7,19 +8,17 @@ import pytest
 from gateway.balancer import Worker
 from gateway.health import State, WorkerHealth, ejection_allowed
 from gateway.registry import HealthSpec
+from gateway.simworker import SimConfig
+from gateway.testing import fake_worker, gateway, image_ok, sim_worker
 from tests.support import (
     FakeClock,
     body,
     dead_url,
     eventually,
-    gateway,
     generate,
-    image_ok,
     local_pipeline,
     make_registry,
     request,
-    scripted_worker,
-    sim_workers,
     the_pool,
 )
 
@@ -90,8 +89,11 @@ async def test_ejection_and_readmission_at_the_configured_counts() -> None:
     """A real sim worker failing every request is ejected after exactly
     consecutive_failures tries, and back after its ejection time and
     healthy_threshold good probes (the fake clock stands in for the waits)."""
-    base = ["--step-ms", "1", "--size", "64"]
-    with sim_workers([*base, "--fail-rate", "1"], base) as (bad, good):
+    base = SimConfig(step_ms=1, size=64)
+    async with (
+        sim_worker(dataclasses.replace(base, fail_rate=1)) as bad,
+        sim_worker(base) as good,
+    ):
         clock = FakeClock()
         health = {"consecutive_failures": 3, "base_ejection_s": 10, "probe_interval_s": 4}
         # All but certain to try the bad worker first while it is in (weight breaks ties).
@@ -136,8 +138,8 @@ async def test_the_cap_keeps_one_worker_in_until_its_probe_says_it_is_down() -> 
 
 async def test_a_pool_without_a_healthy_worker_is_unready_alone() -> None:
     async with (
-        scripted_worker(image_ok()) as up,
-        scripted_worker(image_ok()) as flaky,
+        fake_worker(image_ok()) as up,
+        fake_worker(image_ok()) as flaky,
     ):
         flaky.healthy = False
         adapters: list[dict[str, Any]] = [

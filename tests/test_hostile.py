@@ -1,7 +1,8 @@
-"""Hostile input against the real gateway (`gateway serve` in a child process, real sim
-workers): schemathesis over its own OpenAPI document, and hypothesis on request bodies,
-header bytes and the registry loader. The property everywhere: no 5xx, no crash (the
-process still answers), no hang (every exchange has a deadline).
+"""Hostile input against the real gateway (served by uvicorn with the protocol and
+limits of `gateway serve`, in a thread of this process; real sim workers): schemathesis
+over its own OpenAPI document, and hypothesis on request bodies, header bytes and the
+registry loader. The property everywhere: no 5xx, no crash (the server still answers),
+no hang (every exchange has a deadline).
 
 The numbers of cases are printed (run with `-s` to see them) and recorded in README.
 """
@@ -24,7 +25,8 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from gateway.errors import ConfigError
 from gateway.registry import Registry, parse_registry
-from tests.support import SimWorker, api_key, bearer, gateway_process, registry_yaml
+from gateway.testing import ServedSim, app_for, registry_yaml, serve_in_thread
+from tests.support import api_key, bearer
 
 KEY = "gw_hostile-test-key"
 AUTH = bearer(KEY)
@@ -38,7 +40,7 @@ SETTINGS = settings(
 
 
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory, fast_sims: list[SimWorker]) -> Iterator[str]:
+def gateway(fast_sims: list[ServedSim]) -> Iterator[str]:
     adapters: list[dict[str, Any]] = [
         {"name": "base", "pool": "p", "default": True},
         {"name": "pixel-art", "pool": "p", "upstream_model": "pixel-art", "aliases": ["px"]},
@@ -47,9 +49,9 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, fast_sims: list[SimWorker]
     text = registry_yaml(
         {"p": [s.url for s in fast_sims]}, adapters, sections={"auth": {"keys": keys}}
     )
-    config = tmp_path_factory.mktemp("hostile") / "adapters.yaml"
-    config.write_text(text)
-    with gateway_process(str(config)) as url:
+    registry = parse_registry(text)
+    # A thread, not this test's loop: hypothesis and schemathesis call it blocking.
+    with serve_in_thread(app_for(registry), limits=registry.limits) as url:
         yield url
         # Still alive and well after everything the tests sent it.
         assert httpx.get(url + "/healthz", timeout=5).status_code == 200

@@ -17,18 +17,8 @@ from gateway.auth import hash_key
 from gateway.cli import free_port, main
 from gateway.errors import ConfigError
 from gateway.registry import parse_registry
-from tests.support import (
-    JPEG_ANSWER,
-    Handler,
-    api_key,
-    bearer,
-    body,
-    gateway_process,
-    make_registry,
-    registry_yaml,
-    scripted_worker,
-    served_gateway,
-)
+from gateway.testing import JPEG_ANSWER, Handler, fake_worker, registry_yaml, served_gateway
+from tests.support import api_key, bearer, body, gateway_process, make_registry
 
 GEN = "/v1/images/generations"
 CLIENT_KEY = "gw_client-key-7f3a"
@@ -83,7 +73,7 @@ async def test_only_the_pools_credentials_and_the_request_id_reach_a_worker() ->
         yield b'{"prompt": "a fox", "num_inference_steps": 4, "guidance_scale": 7.5}'
 
     async with (
-        scripted_worker(_image_with_headers()) as worker,
+        fake_worker(_image_with_headers()) as worker,
         served_gateway(guarded_registry(worker.url)) as url,
         httpx.AsyncClient(base_url=url) as client,
     ):
@@ -120,7 +110,7 @@ def _image_with_headers() -> Handler:
 
 
 async def test_no_worker_header_reaches_the_client() -> None:
-    async with scripted_worker(_image_with_headers()) as worker:
+    async with fake_worker(_image_with_headers()) as worker:
         registry = make_registry({"p": [worker.url]})
         async with served_gateway(registry) as url, httpx.AsyncClient(base_url=url) as client:
             resp = await client.post(GEN, json=body())
@@ -155,7 +145,7 @@ async def test_a_failing_worker_shows_the_client_one_line_and_no_internals() -> 
         (500, (502, "adapter 'p': worker p-0: HTTP 500")),
         (400, (400, "adapter 'p': worker rejected the request: bad lora")),
     ):
-        async with scripted_worker(_fails_with_a_traceback(status)) as worker:
+        async with fake_worker(_fails_with_a_traceback(status)) as worker:
             registry = make_registry({"p": [worker.url]})
             async with served_gateway(registry) as url, httpx.AsyncClient(base_url=url) as c:
                 resp = await c.post(GEN, json=body())
@@ -191,7 +181,7 @@ async def test_logs_of_a_full_run_hold_no_key_hash_or_credential(
         {"name": "q", "pool": "p"},
     ]
     log = tmp_path / "gateway.log"
-    async with scripted_worker(_fails_with_a_traceback(500)) as worker:
+    async with fake_worker(_fails_with_a_traceback(500)) as worker:
         text = registry_yaml(
             {"p": [worker.url]},
             adapters,

@@ -66,12 +66,13 @@ LAYERS: dict[str, int] = {
     "gateway.prober": 6,
     "gateway.discovery": 6,
     # 7: the app's typed state; 8: the HTTP surface; 9: the app assembled in its
-    # lifespan; 10-11: the command line
+    # lifespan; 10: the public testing kit, on the app; 11-12: the command line
     "gateway.state": 7,
     "gateway.routes": 8,
     "gateway.app": 9,
-    "gateway.cli": 10,
-    "gateway.__main__": 11,
+    "gateway.testing": 10,  # fake workers, the gateway in memory or served in process
+    "gateway.cli": 11,
+    "gateway.__main__": 12,
 }
 
 

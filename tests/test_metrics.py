@@ -13,17 +13,8 @@ from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.metrics import Metrics, Trace
-from tests.support import (
-    SimWorker,
-    answers,
-    body,
-    dead_url,
-    gateway,
-    gateway_process,
-    make_registry,
-    registry_yaml,
-    scripted_worker,
-)
+from gateway.testing import ServedSim, answers, fake_worker, gateway, registry_yaml
+from tests.support import body, dead_url, gateway_process, make_registry
 
 
 def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -38,7 +29,7 @@ def value(text: str, name: str, **labels: str) -> float:
     return samples(text).get((name, frozenset(labels.items())), 0.0)
 
 
-async def test_requests_are_counted_by_adapter_and_status(fast_sims: list[SimWorker]) -> None:
+async def test_requests_are_counted_by_adapter_and_status(fast_sims: list[ServedSim]) -> None:
     registry = make_registry({"p": [s.url for s in fast_sims], "dead": [dead_url()]})
     async with gateway(registry) as gw:
         client = gw.client
@@ -91,7 +82,7 @@ def per_process_requests(metrics_dir: Path, tmp: Path) -> dict[str, float]:
 
 
 def test_several_processes_serve_and_the_scrape_sums_them(
-    tmp_path: Path, fast_sims: list[SimWorker]
+    tmp_path: Path, fast_sims: list[ServedSim]
 ) -> None:
     """Both processes of `serve --processes 2` answer requests (sent until each has,
     with a bound), and every scrape, whichever process answers it, is their sum."""
@@ -132,8 +123,8 @@ def _settled(read: Callable[[], dict[str, float]], sent: int) -> dict[str, float
         time.sleep(0.02)
 
 
-async def test_worker_try_retry_and_queue_metrics(fast_sims: list[SimWorker]) -> None:
-    async with scripted_worker(answers(503, '{"detail": "busy"}')) as busy:
+async def test_worker_try_retry_and_queue_metrics(fast_sims: list[ServedSim]) -> None:
+    async with fake_worker(answers(503, '{"detail": "busy"}')) as busy:
         registry = make_registry({"p": [busy.url, fast_sims[0].url]})
         async with gateway(registry) as gw:
             codes: list[int] = []
@@ -156,7 +147,7 @@ async def test_worker_try_retry_and_queue_metrics(fast_sims: list[SimWorker]) ->
     assert value(text, "gateway_queue_depth", pool="p") == 0
 
 
-async def test_a_full_queue_is_counted(fast_sims: list[SimWorker]) -> None:
+async def test_a_full_queue_is_counted(fast_sims: list[ServedSim]) -> None:
     worker = {"url": fast_sims[0].url, "max_concurrency": 1}
     registry = make_registry({"p": [worker]}, max_queue=0)
     async with gateway(registry) as gw:

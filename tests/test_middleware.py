@@ -14,16 +14,8 @@ import pytest
 
 from gateway.logs import ACCESS_LOGGER, JsonFormatter
 from gateway.registry import Registry, parse_registry
-from tests.support import (
-    SimWorker,
-    body,
-    gateway_client,
-    make_registry,
-    parse_raw,
-    raw_exchange,
-    registry_yaml,
-    served_gateway,
-)
+from gateway.testing import ServedSim, gateway_client, registry_yaml, served_gateway
+from tests.support import body, make_registry, parse_raw, raw_exchange
 
 
 def access_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, object]]:
@@ -32,7 +24,7 @@ def access_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, object]]:
 
 
 async def test_one_json_line_per_request_without_the_prompt(
-    fast_sims: list[SimWorker], caplog: pytest.LogCaptureFixture
+    fast_sims: list[ServedSim], caplog: pytest.LogCaptureFixture
 ) -> None:
     registry = parse_registry(registry_yaml({"p": [s.url for s in fast_sims]}))
     caplog.set_level(logging.INFO, logger=ACCESS_LOGGER)
@@ -53,7 +45,7 @@ async def test_one_json_line_per_request_without_the_prompt(
 
 
 async def test_prompts_are_logged_only_when_the_registry_says_so(
-    fast_sims: list[SimWorker], caplog: pytest.LogCaptureFixture
+    fast_sims: list[ServedSim], caplog: pytest.LogCaptureFixture
 ) -> None:
     text = registry_yaml({"p": [s.url for s in fast_sims]}) + "log_prompts: true\n"
     caplog.set_level(logging.INFO, logger=ACCESS_LOGGER)
@@ -64,7 +56,7 @@ async def test_prompts_are_logged_only_when_the_registry_says_so(
 
 
 async def test_errors_are_logged_with_their_status(
-    fast_sims: list[SimWorker], caplog: pytest.LogCaptureFixture
+    fast_sims: list[ServedSim], caplog: pytest.LogCaptureFixture
 ) -> None:
     registry = parse_registry(registry_yaml({"p": [s.url for s in fast_sims]}))
     caplog.set_level(logging.INFO, logger=ACCESS_LOGGER)
@@ -77,7 +69,7 @@ async def test_errors_are_logged_with_their_status(
 GEN = "/v1/images/generations"
 
 
-def limited(sims: list[SimWorker], max_body_bytes: int = 1024) -> Registry:
+def limited(sims: list[ServedSim], max_body_bytes: int = 1024) -> Registry:
     limits = {"max_body_bytes": max_body_bytes}
     return make_registry({"p": [sims[0].url]}, sections={"limits": limits})
 
@@ -91,7 +83,7 @@ def post_head(length: int | None) -> bytes:
 
 
 async def test_content_length_over_the_limit_is_413_before_any_body_is_sent(
-    fast_sims: list[SimWorker],
+    fast_sims: list[ServedSim],
 ) -> None:
     async with served_gateway(limited(fast_sims)) as url:
         # Only the head: the gateway must answer without waiting for the body.
@@ -105,7 +97,7 @@ async def test_content_length_over_the_limit_is_413_before_any_body_is_sent(
 
 
 async def test_chunked_body_over_the_limit_is_413_before_it_ends(
-    fast_sims: list[SimWorker],
+    fast_sims: list[ServedSim],
 ) -> None:
     async with served_gateway(limited(fast_sims)) as url:
         host, port = url.removeprefix("http://").split(":")
@@ -124,7 +116,7 @@ async def test_chunked_body_over_the_limit_is_413_before_it_ends(
 
 
 async def test_bodies_within_the_limit_pass_whatever_their_framing(
-    fast_sims: list[SimWorker],
+    fast_sims: list[ServedSim],
 ) -> None:
     payload = json.dumps(body(prompt="fox " * 200)).encode()
     assert 800 < len(payload) <= 1024
@@ -141,7 +133,7 @@ async def test_bodies_within_the_limit_pass_whatever_their_framing(
     assert "content-length" not in chunked.request.headers
 
 
-async def test_the_default_limit_is_64_kib(fast_sims: list[SimWorker]) -> None:
+async def test_the_default_limit_is_64_kib(fast_sims: list[ServedSim]) -> None:
     registry = make_registry({"p": [fast_sims[0].url]})
     assert registry.limits.max_body_bytes == 65536
     async with served_gateway(registry) as url, httpx.AsyncClient(base_url=url) as client:

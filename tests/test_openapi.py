@@ -7,7 +7,8 @@ from typing import Any
 
 from gateway.openapi import openapi_document
 from gateway.schema import ImageGenerationBody
-from tests.support import api_key, gateway_client, gateway_from_file, make_registry, registry_yaml
+from gateway.testing import gateway_client, registry_yaml
+from tests.support import api_key, gateway_from_file, make_registry
 
 WORKERS = {"p": ["http://127.0.0.1:9"]}
 

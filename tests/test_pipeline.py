@@ -11,20 +11,18 @@ import httpx
 from aiohttp import web
 
 from gateway.state import served_of
-from tests.support import (
+from gateway.testing import (
     JPEG_ANSWER,
+    FakeWorker,
     Handler,
-    ScriptedWorker,
     answers,
-    body,
-    dead_url,
+    fake_worker,
     gateway,
     gateway_client,
     image_ok,
-    make_registry,
-    scripted_worker,
     sleeps,
 )
+from tests.support import body, dead_url, make_registry
 
 ADAPTERS: list[dict[str, Any]] = [
     {"name": "base", "pool": "p", "default": True},
@@ -33,17 +31,17 @@ ADAPTERS: list[dict[str, Any]] = [
 
 
 @asynccontextmanager
-async def one_worker(handler: Handler) -> AsyncIterator[tuple[ScriptedWorker, httpx.AsyncClient]]:
+async def one_worker(handler: Handler) -> AsyncIterator[tuple[FakeWorker, httpx.AsyncClient]]:
     """One scripted worker behind the gateway, in memory."""
     async with (
-        scripted_worker(handler) as worker,
+        fake_worker(handler) as worker,
         gateway_client(make_registry({"p": [worker.url]}, ADAPTERS)) as client,
     ):
         yield worker, client
 
 
 async def test_worker_gets_upstream_model_and_known_fields_only() -> None:
-    async with scripted_worker(image_ok()) as worker:
+    async with fake_worker(image_ok()) as worker:
         registry = make_registry({"p": [worker.url]}, ADAPTERS)
         async with gateway_client(registry) as client:
             resp = await client.post(
@@ -87,7 +85,7 @@ async def test_dead_worker_is_502_with_a_clear_message() -> None:
 
 
 async def test_dead_worker_is_skipped_for_a_live_one() -> None:
-    async with scripted_worker(image_ok()) as worker:
+    async with fake_worker(image_ok()) as worker:
         registry = make_registry({"p": [dead_url(), worker.url, dead_url()]}, ADAPTERS)
         async with gateway_client(registry) as client:
             statuses = [
@@ -99,7 +97,7 @@ async def test_dead_worker_is_skipped_for_a_live_one() -> None:
 
 
 async def test_slow_worker_is_504() -> None:
-    async with scripted_worker(sleeps(5)) as worker:
+    async with fake_worker(sleeps(5)) as worker:
         registry = make_registry({"p": [worker.url]}, ADAPTERS, timeout_s=0.3)
         async with gateway_client(registry) as client:
             resp = await client.post("/v1/images/generations", json=body())
@@ -140,7 +138,7 @@ async def test_worker_dropping_the_connection_is_502() -> None:
 
 
 async def test_in_flight_returns_to_zero_after_failures() -> None:
-    async with scripted_worker(answers(500, "{}")) as worker:
+    async with fake_worker(answers(500, "{}")) as worker:
         registry = make_registry({"p": [worker.url, dead_url()]}, ADAPTERS)
         async with gateway(registry) as gw:
             app, client = gw.app, gw.client

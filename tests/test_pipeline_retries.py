@@ -15,36 +15,37 @@ from gateway.balancer import Pool
 from gateway.errors import UpstreamError
 from gateway.pipeline import Pipeline
 from gateway.state import served_of
-from tests.support import (
+from gateway.testing import (
     JPEG_ANSWER,
     answers,
+    delayed,
+    fake_worker,
+    fake_workers,
+    gateway,
+    gateway_server,
+    held,
+    image_ok,
+    released_at_exit,
+    sleeps,
+    trickles,
+)
+from tests.support import (
     assert_idle,
     body,
     dead_url,
-    delayed,
     eventually,
-    gateway,
-    gateway_server,
     generate,
-    held,
-    image_ok,
     local_pipeline,
     make_registry,
-    released_at_exit,
     request,
-    scripted_worker,
-    scripted_workers,
-    sim_workers,
-    sleeps,
     the_pool,
-    trickles,
 )
 
 # -- what is retried -----------------------------------------------------------------
 
 
 async def test_connection_refused_is_retried_on_another_worker() -> None:
-    async with scripted_worker(image_ok()) as good:
+    async with fake_worker(image_ok()) as good:
         registry = make_registry({"p": [dead_url(), good.url]})
         async with local_pipeline(registry) as (pipeline, _):
             results = [await generate(pipeline) for _ in range(10)]
@@ -57,8 +58,8 @@ async def test_connection_refused_is_retried_on_another_worker() -> None:
 @pytest.mark.parametrize("status", [429, 503])
 async def test_turned_away_before_acceptance_is_retried_elsewhere(status: int) -> None:
     async with (
-        scripted_worker(answers(status, '{"detail":"busy"}')) as busy,
-        scripted_worker(image_ok()) as good,
+        fake_worker(answers(status, '{"detail":"busy"}')) as busy,
+        fake_worker(image_ok()) as good,
     ):
         registry = make_registry({"p": [busy.url, good.url]})
         async with local_pipeline(registry) as (pipeline, _):
@@ -71,7 +72,7 @@ async def test_turned_away_before_acceptance_is_retried_elsewhere(status: int) -
 
 async def test_a_500_is_retried_once_by_default() -> None:
     handlers = [answers(500, "boom")] * 3
-    async with scripted_workers(*handlers) as workers:
+    async with fake_workers(*handlers) as workers:
         registry = make_registry({"p": [w.url for w in workers]})
         async with local_pipeline(registry) as (pipeline, _):
             assert await generate(pipeline) == "UpstreamError:http_5xx"
@@ -79,7 +80,7 @@ async def test_a_500_is_retried_once_by_default() -> None:
 
 
 async def test_a_500_is_not_retried_where_retry_on_leaves_it_out() -> None:
-    async with scripted_workers(answers(500, "boom"), answers(500, "boom")) as workers:
+    async with fake_workers(answers(500, "boom"), answers(500, "boom")) as workers:
         registry = make_registry({"p": [w.url for w in workers]}, retry_on=["timeout"])
         async with local_pipeline(registry) as (pipeline, _):
             assert await generate(pipeline) == "UpstreamError:http_5xx"
@@ -87,7 +88,7 @@ async def test_a_500_is_not_retried_where_retry_on_leaves_it_out() -> None:
 
 
 async def test_a_4xx_is_the_clients_and_never_retried_nor_held_against_the_worker() -> None:
-    async with scripted_workers(*[answers(400, '{"detail":"bad lora"}')] * 2) as workers:
+    async with fake_workers(*[answers(400, '{"detail":"bad lora"}')] * 2) as workers:
         registry = make_registry({"p": [w.url for w in workers]})
         async with local_pipeline(registry) as (pipeline, _):
             for _ in range(12):
@@ -103,7 +104,7 @@ async def test_a_4xx_is_the_clients_and_never_retried_nor_held_against_the_worke
 
 
 async def test_a_worker_that_trickles_bytes_ends_at_the_deadline_with_504() -> None:
-    async with scripted_worker(trickles(0.02)) as slow:
+    async with fake_worker(trickles(0.02)) as slow:
         registry = make_registry({"p": [slow.url]}, timeout_s=0.3)
         async with gateway(registry) as gw:
             resp = await gw.client.post("/v1/images/generations", json=body())
@@ -113,7 +114,7 @@ async def test_a_worker_that_trickles_bytes_ends_at_the_deadline_with_504() -> N
 
 
 async def test_a_try_that_times_out_is_retried_once_on_another_worker() -> None:
-    async with scripted_workers(sleeps(0.6), image_ok()) as workers:
+    async with fake_workers(sleeps(0.6), image_ok()) as workers:
         specs = [{"url": w.url, "weight": 1000 if i == 0 else 0.001} for i, w in enumerate(workers)]
         registry = make_registry({"p": specs}, per_try_timeout_s=0.1, timeout_s=3)
         async with local_pipeline(registry) as (pipeline, _):
@@ -128,7 +129,7 @@ async def test_a_try_that_times_out_is_retried_once_on_another_worker() -> None:
 
 async def test_the_retry_budget_holds_under_an_all_500_pool() -> None:
     slow_500 = delayed(answers(500, "boom"), 0.05)
-    async with scripted_workers(*[slow_500] * 4) as workers:
+    async with fake_workers(*[slow_500] * 4) as workers:
         registry = make_registry(
             {"p": [{"url": w.url, "max_concurrency": 50} for w in workers]},
             max_retries=3,
@@ -150,12 +151,13 @@ async def test_the_retry_budget_holds_under_an_all_500_pool() -> None:
     assert tries < 60 * 2
 
 
-# -- under load, with real sim workers -------------------------------------------------
+# -- under load, with a worker that dies -----------------------------------------------
 
 
 async def test_a_worker_killed_under_load_costs_no_client_errors() -> None:
-    options = ["--step-ms", "5", "--concurrency", "2", "--size", "64", "--adapter-load-ms", "0"]
-    with sim_workers(options, options, options) as sims:
+    # Each takes 20 ms a generation; kill() cuts its connections and closes its port
+    # as a SIGKILL to a worker process would.
+    async with fake_workers(sleeps(0.02), sleeps(0.02), sleeps(0.02)) as sims:
         registry = make_registry({"p": [{"url": s.url, "max_concurrency": 2} for s in sims]})
         async with local_pipeline(registry) as (pipeline, _):
             done: list[str] = []
@@ -166,7 +168,7 @@ async def test_a_worker_killed_under_load_costs_no_client_errors() -> None:
 
             clients = [asyncio.create_task(client(25)) for _ in range(6)]
             await eventually(lambda: len(done) >= 30)
-            sims[0].proc.kill()
+            await sims[0].kill()
             await asyncio.gather(*clients)
             pool = the_pool(pipeline)
             assert_idle(pool)
@@ -188,7 +190,7 @@ async def test_no_slot_leaks_after_1000_mixed_successes_failures_and_cancellatio
         await asyncio.sleep(rng.choice([0, 0.001, 0.005]))
         return web.Response(body=JPEG_ANSWER, content_type="application/json")
 
-    async with scripted_workers(mixed, mixed) as workers:
+    async with fake_workers(mixed, mixed) as workers:
         specs = [{"url": w.url, "max_concurrency": 3} for w in workers] + [dead_url()]
         registry = make_registry({"p": specs}, max_queue=1000)
         async with local_pipeline(registry) as (pipeline, _):
@@ -230,7 +232,7 @@ async def _mixed_load(
 
 async def test_a_full_queue_and_a_long_wait_are_503_with_retry_after() -> None:
     release = asyncio.Event()
-    async with scripted_worker(held(release)) as worker:
+    async with fake_worker(held(release)) as worker:
         registry = make_registry({"p": [worker.url]}, max_queue=1, queue_timeout_s=0.2)
         async with gateway(registry) as gw, released_at_exit(release):
             post = gw.client.post
@@ -251,7 +253,7 @@ async def test_a_full_queue_and_a_long_wait_are_503_with_retry_after() -> None:
 
 async def test_a_client_that_disconnects_while_queued_takes_no_slot() -> None:
     release = asyncio.Event()
-    async with scripted_worker(held(release)) as worker:
+    async with fake_worker(held(release)) as worker:
         registry = make_registry({"p": [worker.url]})
         async with (
             gateway_server(registry) as (url, app),

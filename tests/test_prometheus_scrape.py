@@ -16,13 +16,8 @@ import httpx
 import pytest
 import yaml
 
-from tests.support import (
-    SimWorker,
-    body,
-    gateway_process,
-    prometheus_server,
-    registry_yaml,
-)
+from gateway.testing import ServedSim, registry_yaml
+from tests.support import body, gateway_process, prometheus_server
 
 COUNTER = "sum(gateway_requests_total)"
 MEDIAN = "histogram_quantile(0.5, sum by (le) (rate(gateway_request_duration_seconds_bucket[30s])))"
@@ -67,7 +62,7 @@ def target_health(prometheus_url: str) -> str:
 
 
 def test_prometheus_sees_the_counter_and_a_quantile_move(
-    tmp_path: Path, fast_sims: list[SimWorker]
+    tmp_path: Path, fast_sims: list[ServedSim]
 ) -> None:
     config = tmp_path / "adapters.yaml"
     config.write_text(registry_yaml({"sdxl": [s.url for s in fast_sims]}))

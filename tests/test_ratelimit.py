@@ -19,20 +19,8 @@ from gateway.errors import RateLimited
 from gateway.ratelimit import KeyLimits, MemoryRateLimiter, RedisRateLimiter, open_rate_limiter
 from gateway.registry import KeySpec, RateSpec
 from gateway.state import served_of
-from tests.support import (
-    SimWorker,
-    api_key,
-    bearer,
-    body,
-    gateway,
-    gateway_process,
-    make_registry,
-    redis_server,
-    registry_yaml,
-    scripted_worker,
-    served_gateway,
-    sleeps,
-)
+from gateway.testing import ServedSim, fake_worker, gateway, registry_yaml, served_gateway, sleeps
+from tests.support import api_key, bearer, body, gateway_process, make_registry, redis_server
 
 KEY = "gw_rate-test-key"
 GEN = "/v1/images/generations"
@@ -110,7 +98,7 @@ async def test_redis_down_falls_back_to_the_process_and_says_so_once(
 
 
 async def test_unreachable_redis_never_refuses_a_request_by_itself(
-    fast_sims: list[SimWorker],
+    fast_sims: list[ServedSim],
 ) -> None:
     keys = [api_key("team-a", KEY, rate={"per_s": 0.01, "burst": 3})]
     auth = {"keys": keys, "redis_url": f"redis://:hunter2@127.0.0.1:{free_port()}/0"}
@@ -122,7 +110,7 @@ async def test_unreachable_redis_never_refuses_a_request_by_itself(
     assert codes == [200, 200, 200, 429, 429]  # the burst, kept by the process
 
 
-async def test_over_the_rate_is_429_with_retry_after(fast_sims: list[SimWorker]) -> None:
+async def test_over_the_rate_is_429_with_retry_after(fast_sims: list[ServedSim]) -> None:
     keys = [api_key("team-a", KEY, rate={"per_s": 0.5, "burst": 2})]
     registry = make_registry({"p": [fast_sims[0].url]}, sections={"auth": {"keys": keys}})
     async with served_gateway(registry) as url, httpx.AsyncClient(base_url=url) as client:
@@ -132,7 +120,7 @@ async def test_over_the_rate_is_429_with_retry_after(fast_sims: list[SimWorker])
     assert answers[2].json() == {"detail": "key 'team-a' is over its rate limit (0.5/s, burst 2)"}
 
 
-def two_gateways_config(tmp_path: Path, sims: list[SimWorker], redis_url: str) -> str:
+def two_gateways_config(tmp_path: Path, sims: list[ServedSim], redis_url: str) -> str:
     keys = [api_key("team-a", KEY, rate={"per_s": 0.01, "burst": 10})]
     text = registry_yaml(
         {"p": [s.url for s in sims]},
@@ -146,7 +134,7 @@ def two_gateways_config(tmp_path: Path, sims: list[SimWorker], redis_url: str) -
 
 
 async def test_100_parallel_requests_over_two_gateways_admit_exactly_the_burst(
-    tmp_path: Path, fast_sims: list[SimWorker], redis_url: str
+    tmp_path: Path, fast_sims: list[ServedSim], redis_url: str
 ) -> None:
     config = two_gateways_config(tmp_path, fast_sims, redis_url)
     with ExitStack() as stack:
@@ -168,7 +156,7 @@ async def test_100_parallel_requests_over_two_gateways_admit_exactly_the_burst(
 
 async def test_max_concurrent_refuses_the_excess_with_429() -> None:
     keys = [api_key("team-a", KEY, max_concurrent=2)]
-    async with scripted_worker(sleeps(0.3)) as worker:
+    async with fake_worker(sleeps(0.3)) as worker:
         registry = make_registry({"p": [worker.url]}, sections={"auth": {"keys": keys}})
         async with served_gateway(registry) as url, httpx.AsyncClient(base_url=url) as client:
             answers = await asyncio.gather(

@@ -19,17 +19,8 @@ from gateway.health import State
 from gateway.registry import Registry
 from gateway.schema import WorkerState
 from gateway.state import served_of
-from tests.support import (
-    bearer,
-    body,
-    dead_url,
-    eventually,
-    gateway,
-    gateway_server,
-    image_ok,
-    make_registry,
-    scripted_worker,
-)
+from gateway.testing import fake_worker, gateway, gateway_server, image_ok
+from tests.support import bearer, body, dead_url, eventually, make_registry
 
 ADAPTERS: list[dict[str, Any]] = [
     {"name": "live-art", "pool": "live", "default": True},
@@ -57,7 +48,7 @@ def states(report: dict[str, Any], pool: str) -> list[str]:
 
 async def test_a_dead_pool_leaves_the_process_ready_and_the_other_pool_serving() -> None:
     async with (
-        scripted_worker(image_ok(jpeg_answer())) as live,
+        fake_worker(image_ok(jpeg_answer())) as live,
         gateway_server(two_pools(live.url)) as (url, app),
         httpx.AsyncClient(base_url=url) as client,
     ):

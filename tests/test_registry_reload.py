@@ -15,10 +15,11 @@ from gateway.metrics import Metrics
 from gateway.registry import Registry, load_registry
 from gateway.reload import RegistryFile, Reloader
 from gateway.state import served_of
-from tests.support import SimWorker, body, gateway_child, gateway_from_file, registry_yaml
+from gateway.testing import ServedSim, registry_yaml
+from tests.support import body, gateway_child, gateway_from_file
 
 
-def two_versions(sims: list[SimWorker]) -> tuple[str, str]:
+def two_versions(sims: list[ServedSim]) -> tuple[str, str]:
     urls = [s.url for s in sims]
     one = registry_yaml({"p": urls}, [{"name": "a", "pool": "p", "default": True}])
     two = registry_yaml(
@@ -52,7 +53,7 @@ def test_reloader_applies_a_good_file_and_refuses_a_bad_one(tmp_path: Path) -> N
 
 
 async def test_admin_reload_under_load_drops_nothing(
-    tmp_path: Path, fast_sims: list[SimWorker]
+    tmp_path: Path, fast_sims: list[ServedSim]
 ) -> None:
     one, two = two_versions(fast_sims)
     path = tmp_path / "adapters.yaml"
@@ -85,7 +86,7 @@ async def test_admin_reload_under_load_drops_nothing(
 
 
 async def test_admin_reload_refuses_a_bad_file_and_keeps_serving(
-    tmp_path: Path, fast_sims: list[SimWorker]
+    tmp_path: Path, fast_sims: list[ServedSim]
 ) -> None:
     one, _ = two_versions(fast_sims)
     path = tmp_path / "adapters.yaml"
@@ -100,7 +101,7 @@ async def test_admin_reload_refuses_a_bad_file_and_keeps_serving(
     assert still.status_code == 200
 
 
-async def test_file_watcher_picks_up_a_change(tmp_path: Path, fast_sims: list[SimWorker]) -> None:
+async def test_file_watcher_picks_up_a_change(tmp_path: Path, fast_sims: list[ServedSim]) -> None:
     one, two = two_versions(fast_sims)
     path = tmp_path / "adapters.yaml"
     async with gateway_from_file(path, one, reload_every_s=0.05) as gw:
@@ -114,7 +115,7 @@ async def test_file_watcher_picks_up_a_change(tmp_path: Path, fast_sims: list[Si
     assert ids == ["a", "b"]
 
 
-def test_sighup_reloads_a_gateway_child(tmp_path: Path, fast_sims: list[SimWorker]) -> None:
+def test_sighup_reloads_a_gateway_child(tmp_path: Path, fast_sims: list[ServedSim]) -> None:
     one, two = two_versions(fast_sims)
     path = tmp_path / "adapters.yaml"
     path.write_text(one)

@@ -10,10 +10,11 @@ import pytest
 from PIL import Image
 
 from gateway.registry import Registry
-from tests.support import SimWorker, body, gateway_client, make_registry
+from gateway.testing import ServedSim, gateway_client
+from tests.support import body, make_registry
 
 
-def sim_registry(sims: list[SimWorker]) -> Registry:
+def sim_registry(sims: list[ServedSim]) -> Registry:
     return make_registry(
         {"sdxl": [s.url for s in sims]},
         adapters=[
@@ -32,7 +33,7 @@ def decode(payload: bytes) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(json.loads(payload)["image"])))
 
 
-async def test_round_trip_jpeg_and_png(fast_sims: list[SimWorker]) -> None:
+async def test_round_trip_jpeg_and_png(fast_sims: list[ServedSim]) -> None:
     async with gateway_client(sim_registry(fast_sims)) as client:
         jpeg = await client.post("/v1/images/generations", json=body(model="pixel-art"))
         png = await client.post("/v1/images/generations", json=body(response_format="raw"))
@@ -48,7 +49,7 @@ async def test_round_trip_jpeg_and_png(fast_sims: list[SimWorker]) -> None:
     assert jpeg.headers["x-request-id"]
 
 
-async def test_same_seed_same_bytes_and_seed_is_echoed(fast_sims: list[SimWorker]) -> None:
+async def test_same_seed_same_bytes_and_seed_is_echoed(fast_sims: list[ServedSim]) -> None:
     async with gateway_client(sim_registry(fast_sims)) as client:
         first = await client.post("/v1/images/generations", json=body(seed=7, model="pixelart"))
         second = await client.post("/v1/images/generations", json=body(seed=7, model="pixel-art"))
@@ -59,7 +60,7 @@ async def test_same_seed_same_bytes_and_seed_is_echoed(fast_sims: list[SimWorker
 
 
 async def test_request_without_seed_gets_one_that_reproduces_the_image(
-    fast_sims: list[SimWorker],
+    fast_sims: list[ServedSim],
 ) -> None:
     async with gateway_client(sim_registry(fast_sims)) as client:
         first = await client.post("/v1/images/generations", json=body())
@@ -81,7 +82,7 @@ async def test_request_without_seed_gets_one_that_reproduces_the_image(
     ],
 )
 async def test_validation_is_422_naming_the_field(
-    fast_sims: list[SimWorker], overrides: dict[str, object], field: str
+    fast_sims: list[ServedSim], overrides: dict[str, object], field: str
 ) -> None:
     async with gateway_client(sim_registry(fast_sims)) as client:
         resp = await client.post("/v1/images/generations", json=body(**overrides))
@@ -89,7 +90,7 @@ async def test_validation_is_422_naming_the_field(
     assert ["body", field] in [err["loc"] for err in resp.json()["detail"]]
 
 
-async def test_missing_prompt_is_422(fast_sims: list[SimWorker]) -> None:
+async def test_missing_prompt_is_422(fast_sims: list[ServedSim]) -> None:
     payload = body()
     del payload["prompt"]
     async with gateway_client(sim_registry(fast_sims)) as client:
@@ -102,7 +103,7 @@ async def test_missing_prompt_is_422(fast_sims: list[SimWorker]) -> None:
     }
 
 
-async def test_non_json_and_wrong_content_type_are_clear_4xx(fast_sims: list[SimWorker]) -> None:
+async def test_non_json_and_wrong_content_type_are_clear_4xx(fast_sims: list[ServedSim]) -> None:
     async with gateway_client(sim_registry(fast_sims)) as client:
         garbage = await client.post(
             "/v1/images/generations",
@@ -122,7 +123,7 @@ async def test_non_json_and_wrong_content_type_are_clear_4xx(fast_sims: list[Sim
     assert array.status_code == 422
 
 
-async def test_unknown_model_is_404_listing_known_models(fast_sims: list[SimWorker]) -> None:
+async def test_unknown_model_is_404_listing_known_models(fast_sims: list[ServedSim]) -> None:
     async with gateway_client(sim_registry(fast_sims)) as client:
         resp = await client.post("/v1/images/generations", json=body(model="sd15"))
     assert resp.status_code == 404
@@ -130,7 +131,7 @@ async def test_unknown_model_is_404_listing_known_models(fast_sims: list[SimWork
     assert resp.headers["x-cache"] == "bypass"  # on errors too: the cache was not consulted
 
 
-async def test_unknown_route_and_method_are_json(fast_sims: list[SimWorker]) -> None:
+async def test_unknown_route_and_method_are_json(fast_sims: list[ServedSim]) -> None:
     async with gateway_client(sim_registry(fast_sims)) as client:
         missing = await client.get("/v1/nothing")
         wrong = await client.get("/v1/images/generations")
@@ -140,7 +141,7 @@ async def test_unknown_route_and_method_are_json(fast_sims: list[SimWorker]) -> 
     assert "detail" in wrong.json()
 
 
-async def test_models_health_and_ready(fast_sims: list[SimWorker]) -> None:
+async def test_models_health_and_ready(fast_sims: list[ServedSim]) -> None:
     async with gateway_client(sim_registry(fast_sims)) as client:
         models = (await client.get("/v1/models")).json()
         health = await client.get("/healthz")
@@ -154,7 +155,7 @@ async def test_models_health_and_ready(fast_sims: list[SimWorker]) -> None:
 
 
 async def test_request_id_is_echoed_when_safe_and_replaced_when_not(
-    fast_sims: list[SimWorker],
+    fast_sims: list[ServedSim],
 ) -> None:
     async with gateway_client(sim_registry(fast_sims)) as client:
         kept = await client.get("/healthz", headers={"x-request-id": "abc-123"})
@@ -169,7 +170,7 @@ async def test_request_id_is_echoed_when_safe_and_replaced_when_not(
 
 
 async def test_a_prompt_over_max_prompt_chars_is_422_naming_the_field(
-    fast_sims: list[SimWorker],
+    fast_sims: list[ServedSim],
 ) -> None:
     registry = make_registry(
         {"sdxl": [fast_sims[0].url]}, sections={"limits": {"max_prompt_chars": 100}}

@@ -15,13 +15,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from gateway.registry import Registry
-from tests.support import (
-    body,
-    make_registry,
-    parse_raw,
-    raw_exchange,
-    served_gateway,
-)
+from gateway.testing import served_gateway
+from tests.support import body, make_registry, parse_raw, raw_exchange
 
 
 def registry(max_header_bytes: int = 2048) -> Registry:

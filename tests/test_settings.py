@@ -15,16 +15,8 @@ from gateway.ratelimit import redis_for
 from gateway.registry import parse_registry
 from gateway.reload import RegistryFile
 from gateway.settings import ENV_REDIS_URL, Settings
-from tests.support import (
-    SimWorker,
-    api_key,
-    bearer,
-    body,
-    dead_url,
-    gateway_process,
-    redis_cache,
-    registry_yaml,
-)
+from gateway.testing import ServedSim, registry_yaml
+from tests.support import api_key, bearer, body, dead_url, gateway_process, redis_cache
 
 KEY = "gw_settings-test-key"
 
@@ -113,7 +105,7 @@ def test_a_reload_applies_the_environment_as_the_start_did(tmp_path: Path) -> No
 
 
 def test_a_served_gateway_keeps_cache_and_rate_limits_in_the_environments_redis(
-    fast_sims: list[SimWorker], redis_url: str, tmp_path: Path
+    fast_sims: list[ServedSim], redis_url: str, tmp_path: Path
 ) -> None:
     """End to end: the file names a Redis where nothing listens, for both uses; with
     GATEWAY_REDIS_URL set, the image and the key's rate state land in that one."""

@@ -24,20 +24,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.registry import Registry
 from gateway.server import CUTOFFS
-from tests.support import (
+from gateway.testing import (
     JPEG_ANSWER,
-    body,
     delayed,
-    gateway_process,
+    fake_worker,
     gateway_server,
     image_ok,
-    make_registry,
-    parse_raw,
-    raw_exchange,
     registry_yaml,
-    scripted_worker,
     served_gateway,
 )
+from tests.support import body, gateway_process, make_registry, parse_raw, raw_exchange
 
 HEAD_S, BODY_S, IDLE_S, KEEPALIVE_S = 1.0, 1.0, 0.5, 0.5
 MARGIN_S = 4.0
@@ -180,7 +176,7 @@ async def test_hundreds_of_slow_heads_and_bodies_are_cut_off_while_a_client_is_s
 ) -> None:
     before = CUTOFFS.copy()
     async with (
-        scripted_worker(image_ok()) as worker,
+        fake_worker(image_ok()) as worker,
         gateway_server(registry(worker.url, max_connections=2000)) as (url, _),
     ):
         heads = [dribbling_head(url) for _ in range(400)]
@@ -225,7 +221,7 @@ async def test_hundreds_of_slow_heads_and_bodies_are_cut_off_while_a_client_is_s
 async def test_silent_trickling_and_idle_connections_are_closed_in_time() -> None:
     get = b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n"
     head = POST + b"Content-Type: application/json\r\nContent-Length: 5000\r\n\r\n"
-    async with scripted_worker(image_ok()) as worker, served_gateway(registry(worker.url)) as url:
+    async with fake_worker(image_ok()) as worker, served_gateway(registry(worker.url)) as url:
         silent, trickling, idle, blank_lines = await asyncio.gather(
             slow_client(url, b""),  # connects and sends nothing
             slow_client(url, head, b"0123456789", clock_from_first=True),  # never idle
@@ -258,7 +254,7 @@ async def test_silent_trickling_and_idle_connections_are_closed_in_time() -> Non
 async def test_a_request_answered_slower_than_every_timeout_is_not_cut_off() -> None:
     slow_worker = delayed(image_ok(), HEAD_S + BODY_S + KEEPALIVE_S)
     async with (
-        scripted_worker(slow_worker) as worker,
+        fake_worker(slow_worker) as worker,
         served_gateway(registry(worker.url)) as url,
         httpx.AsyncClient(base_url=url, timeout=30) as client,
     ):
@@ -270,7 +266,7 @@ async def test_a_request_answered_slower_than_every_timeout_is_not_cut_off() -> 
 
 async def test_connections_over_the_cap_get_503_while_the_others_are_served() -> None:
     async with (
-        scripted_worker(image_ok()) as worker,
+        fake_worker(image_ok()) as worker,
         gateway_server(registry(worker.url, head_timeout_s=30, max_connections=5)) as (url, _),
     ):
         host, port = url.removeprefix("http://").split(":")
