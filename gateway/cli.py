@@ -30,6 +30,7 @@ from gateway.app import create_app
 from gateway.auth import hash_key, new_key
 from gateway.errors import ConfigError
 from gateway.logs import log_config
+from gateway.protocols import deterministic, protocol_for
 from gateway.registry import CacheSpec, LimitsSpec, Registry, load_registry, redacted
 from gateway.server import (
     SERVED_PROTOCOL,
@@ -307,12 +308,21 @@ def hash_key_command(args: argparse.Namespace) -> int:
 
 
 def routing_table(registry: Registry) -> str:
+    """Each adapter: its names, its pool and that pool's protocol, and how the adapter
+    is chosen on the workers (the protocol's words: `model=...`, a LoRA tag...)."""
     lines = [f"registry {registry.digest}: {len(registry.adapters)} adapters"]
     for adapter in registry.adapters:
         pool = registry.pool_of(adapter)
         names = [adapter.name, *adapter.aliases]
         mark = " (default)" if adapter.default else ""
-        lines.append(f"{' | '.join(names)}{mark} -> pool {adapter.pool} ({pool.protocol})")
+        chosen = protocol_for(pool.protocol).selection(adapter, pool)
+        if not deterministic(adapter, pool):
+            chosen += "; not deterministic: " + (
+                "cached anyway" if adapter.cache_nondeterministic else "not cached"
+            )
+        lines.append(
+            f"{' | '.join(names)}{mark} -> pool {adapter.pool} ({pool.protocol}), {chosen}"
+        )
         for worker in pool.workers:
             lines.append(f"    {worker.url}  max_concurrency={worker.max_concurrency}")
         if (d := pool.discover) is not None:

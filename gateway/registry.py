@@ -193,8 +193,19 @@ class DiscoverSpec(_Frozen):
         )
 
 
+# The protocols a pool may speak (gateway.protocols.PROTOCOLS implements each one).
+ProtocolName = Literal["friendli-container"]
+
+# Each protocol's settings block on a pool: its key -> the protocol it is for. A block
+# given on a pool of another protocol is refused (_cross_check), with its line.
+SETTINGS_BLOCKS: Mapping[str, str] = {}
+
+# The protocols whose adapters may set `lora_weight`.
+LORA_WEIGHT_PROTOCOLS: frozenset[str] = frozenset()
+
+
 class PoolSpec(_Frozen):
-    protocol: Literal["friendli-container"] = "friendli-container"
+    protocol: ProtocolName = "friendli-container"
     workers: tuple[WorkerSpec, ...] = ()  # a static list, or...
     discover: DiscoverSpec | None = None  # ...workers from DNS; exactly one of the two
     # The overall deadline of one request in this pool: queue wait and every try.
@@ -230,6 +241,9 @@ class PoolSpec(_Frozen):
     # The pool's own credentials for its workers (`Authorization: "Bearer ${TOKEN}"`),
     # sent with every request to them; kept out of repr so no log line shows them.
     headers: Mapping[HeaderName, HeaderValue] = Field(default_factory=dict, repr=False)
+    # When the gateway re-encodes a worker's image for a client that asked for JPEG
+    # (the worker answered PNG, say), at this quality (Pillow's scale; 95 is its top).
+    jpeg_quality: Annotated[int, Field(ge=1, le=95)] = 90
 
 
 class AdapterSpec(_Frozen):
@@ -240,6 +254,15 @@ class AdapterSpec(_Frozen):
     default: bool = False
     ignore: tuple[Literal["guidance_scale"], ...] = ()  # inputs that never change the image
     revision: Annotated[str, Field(min_length=1, max_length=64)] = "1"
+    # The LoRA's strength, for protocols that take one (LORA_WEIGHT_PROTOCOLS); None:
+    # the pool's default.
+    lora_weight: Annotated[float, Field(ge=-10, le=10, allow_inf_nan=False)] | None = None
+    # Does its server draw the same image for the same seed? None: what the pool's
+    # protocol says (gateway.protocols.deterministic). Results of an adapter that is not
+    # deterministic are not cached (a cached image would not be "the" image of that
+    # seed), unless cache_nondeterministic says to cache them anyway.
+    deterministic: bool | None = None
+    cache_nondeterministic: bool = False
 
 
 Seconds = Annotated[float, Field(gt=0, le=3600)]
@@ -442,12 +465,17 @@ def _cross_check(registry: Registry) -> Iterator[tuple[Loc, str]]:
             if key in seen:
                 yield loc, f"{key!r} is already used by {seen[key]}"
             seen[key] = f"adapter {adapter.name!r}" if j == 0 else f"an alias of {adapter.name!r}"
+        yield from _check_adapter_for_pool(registry, i, adapter)
         if adapter.default:
             defaults.append(adapter.name)
             if len(defaults) > 1:
                 both = f"{defaults[0]!r} and {adapter.name!r}"
                 yield ("adapters", i, "default"), f"two default adapters: {both}"
     for name, pool in registry.pools.items():
+        for block, protocol in SETTINGS_BLOCKS.items():
+            if block in pool.model_fields_set and pool.protocol != protocol:
+                msg = f"a {protocol} block, but this pool speaks {pool.protocol}"
+                yield ("pools", name, block), msg
         if bool(pool.workers) == (pool.discover is not None):
             yield ("pools", name), "give either a 'workers' list or 'discover', not both or none"
         urls = [worker.url for worker in pool.workers]
@@ -456,6 +484,20 @@ def _cross_check(registry: Registry) -> Iterator[tuple[Loc, str]]:
                 yield ("pools", name, "workers", k, "url"), f"worker {url!r} is listed twice"
     if registry.auth is not None:
         yield from _check_auth(registry.auth, registry.model_names())
+
+
+def _check_adapter_for_pool(
+    registry: Registry, i: int, adapter: AdapterSpec
+) -> Iterator[tuple[Loc, str]]:
+    pool = registry.pools.get(adapter.pool)
+    if pool is None or adapter.lora_weight is None:
+        return
+    if pool.protocol not in LORA_WEIGHT_PROTOCOLS:
+        msg = f"pool {adapter.pool!r} speaks {pool.protocol}, which takes no LoRA weight"
+        yield ("adapters", i, "lora_weight"), msg
+    elif adapter.upstream_model is None:
+        msg = "a LoRA weight needs the LoRA's name: set upstream_model"
+        yield ("adapters", i, "lora_weight"), msg
 
 
 def _check_auth(auth: AuthSpec, adapters: list[str]) -> Iterator[tuple[Loc, str]]:

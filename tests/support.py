@@ -288,6 +288,7 @@ class ScriptedWorker:
     received: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
     probes: int = 0
+    probe_headers: list[dict[str, str]] = field(default_factory=list)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.received.append(json.loads(await request.read()))
@@ -296,6 +297,7 @@ class ScriptedWorker:
 
     async def _health(self, request: web.Request) -> web.StreamResponse:
         self.probes += 1
+        self.probe_headers.append(dict(request.headers))
         return web.json_response({"status": "ok"}, status=200 if self.healthy else 503)
 
 
