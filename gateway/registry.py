@@ -28,6 +28,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    JsonValue,
     ValidationError,
     ValidationInfo,
     model_validator,
@@ -194,11 +195,48 @@ class DiscoverSpec(_Frozen):
 
 
 # The protocols a pool may speak (gateway.protocols.PROTOCOLS implements each one).
-ProtocolName = Literal["friendli-container"]
+ProtocolName = Literal["friendli-container", "openai-images"]
+
+FieldName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+UrlPath = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^/[A-Za-z0-9._~/-]*$")]
+ImageSize = Annotated[str, Field(pattern=r"^[1-9][0-9]{0,4}x[1-9][0-9]{0,4}$")]
+OPENAI_FIELDS = ("prompt", "n", "response_format", "size", "model")  # the gateway's own
+
+
+class OpenAIImagesSettings(_Frozen):
+    """An `openai-images` pool: `POST /v1/images/generations` with `n: 1` and
+    `response_format: b64_json`. The diffusion inputs OpenAI's own API lacks go in
+    vendor fields; their names default to what vLLM-Omni and SGLang accept. Set one to
+    null for a server that rejects it (OpenAI itself takes none of the four)."""
+
+    size: ImageSize | None = "1024x1024"  # None: not sent (the server's default)
+    # The served model name of adapters without upstream_model; None: no `model` field.
+    model: Name | None = None
+    steps_field: FieldName | None = "num_inference_steps"
+    guidance_field: FieldName | None = "guidance_scale"
+    seed_field: FieldName | None = "seed"  # None: no seed sent, so not deterministic
+    # Asks for the client's format ("jpeg" / "png"); a server that ignores it answers
+    # PNG, re-encoded here when the client asked for JPEG.
+    format_field: FieldName | None = "output_format"
+    extra_fields: Mapping[FieldName, JsonValue] = Field(default_factory=dict)  # sent as given
+    path: UrlPath = "/v1/images/generations"
+    health_path: UrlPath = "/health"  # or /v1/models
+
+    @model_validator(mode="after")
+    def _fields_apart(self) -> OpenAIImagesSettings:
+        named = [self.steps_field, self.guidance_field, self.seed_field, self.format_field]
+        mine = [name for name in named if name is not None]
+        if len(set(mine)) != len(mine):
+            raise ValueError(f"two inputs sent in one field: {', '.join(mine)}")
+        taken = set(OPENAI_FIELDS) | set(mine)
+        if clash := sorted(taken & set(self.extra_fields)):
+            raise ValueError(f"extra_fields may not set {', '.join(clash)}: the gateway sets it")
+        return self
+
 
 # Each protocol's settings block on a pool: its key -> the protocol it is for. A block
 # given on a pool of another protocol is refused (_cross_check), with its line.
-SETTINGS_BLOCKS: Mapping[str, str] = {}
+SETTINGS_BLOCKS: Mapping[str, str] = {"openai": "openai-images"}
 
 # The protocols whose adapters may set `lora_weight`.
 LORA_WEIGHT_PROTOCOLS: frozenset[str] = frozenset()
@@ -244,6 +282,8 @@ class PoolSpec(_Frozen):
     # When the gateway re-encodes a worker's image for a client that asked for JPEG
     # (the worker answered PNG, say), at this quality (Pillow's scale; 95 is its top).
     jpeg_quality: Annotated[int, Field(ge=1, le=95)] = 90
+    # One settings block per protocol (SETTINGS_BLOCKS); only the pool's own may be given.
+    openai: OpenAIImagesSettings = OpenAIImagesSettings()
 
 
 class AdapterSpec(_Frozen):

@@ -62,6 +62,7 @@ LAYERS: dict[str, int] = {
     "gateway.settings": 4,  # the environment, read once; applied over a registry
     # 5: each protocol; the balancer (on the health state); coalescing (on the cache)
     "gateway.protocols.friendli_container": 5,
+    "gateway.protocols.openai_images": 5,
     "gateway.balancer": 5,
     "gateway.coalesce": 5,
     # 6: the table of protocols; DNS discovery (drives the balancer)

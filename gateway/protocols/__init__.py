@@ -55,6 +55,7 @@ import aiohttp
 
 from gateway.protocols.call import Call, Probe
 from gateway.protocols.friendli_container import FriendliContainer
+from gateway.protocols.openai_images import OpenAIImages
 from gateway.registry import AdapterSpec, PoolSpec
 
 __all__ = [
@@ -92,7 +93,7 @@ class WorkerProtocol(Protocol):
     def variant(self, adapter: AdapterSpec, pool: PoolSpec) -> str | None: ...
 
 
-_ALL: tuple[WorkerProtocol, ...] = (FriendliContainer(),)
+_ALL: tuple[WorkerProtocol, ...] = (FriendliContainer(), OpenAIImages())
 PROTOCOLS: Mapping[str, WorkerProtocol] = {protocol.name: protocol for protocol in _ALL}
 
 

@@ -27,7 +27,10 @@ import asyncio
 import base64
 import binascii
 import io
+import json
+import re
 import warnings
+from typing import Any
 
 from PIL import Image
 
@@ -52,6 +55,36 @@ _PIL_FORMAT: dict[ResponseFormat, str] = {"jpeg": "JPEG", "raw": "PNG"}
 
 class BadImage(Exception):
     """What is wrong with a worker's image, as words that follow "answered 200 "."""
+
+
+def string_at(body: bytes, lead: re.Pattern[bytes]) -> bytes | None:
+    """The JSON string `lead` leads to (`lead` ends at its opening quote), sliced out of
+    `body` without parsing it: a base64 string holds no escape, so it ends at the next
+    quote. None when `lead` is not found or the string holds a backslash (then parse).
+
+    Why: `json.loads` of a 2 MB answer builds a 2 MB str (~3.5 ms); this is ~0.2 ms.
+    A lead cannot match inside another JSON string, where its quotes would be escaped."""
+    found = lead.search(body)
+    if found is None:
+        return None
+    end = body.find(b'"', found.end())
+    if end < 0:
+        return None
+    text = body[found.end() : end]
+    return None if b"\\" in text else text
+
+
+def parse_json(body: bytes, worker: str) -> Any:
+    """`body` parsed, or Cause.BAD_ANSWER saying why it is not JSON."""
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        head = (
+            "with HTML, not JSON"
+            if body.lstrip().startswith(b"<")
+            else "with a body that is not JSON"
+        )
+        raise bad_answer(worker, head) from None
 
 
 def sniff(image: bytes) -> str | None:
@@ -89,7 +122,7 @@ def b64_image_response(
     try:
         image = base64.b64decode(encoded, validate=True)
     except binascii.Error as exc:
-        raise _bad(worker, f"with an image that is not base64 ({exc})") from None
+        raise bad_answer(worker, f"with an image that is not base64 ({exc})") from None
     return image_response(image, response_format, jpeg_quality=jpeg_quality, worker=worker)
 
 
@@ -122,7 +155,7 @@ def _reencode(
     try:
         picture = _decode(image)
     except BadImage as exc:
-        raise _bad(worker, str(exc)) from None
+        raise bad_answer(worker, str(exc)) from None
     out = io.BytesIO()
     if response_format == "jpeg":
         if picture.mode not in ("RGB", "L"):
@@ -155,9 +188,10 @@ def _decode(image: bytes) -> Image.Image:
 
 def _checked(body: bytes, response_format: ResponseFormat, worker: str) -> bytes:
     if (wrong := problem(body, response_format)) is not None:
-        raise _bad(worker, wrong)
+        raise bad_answer(worker, wrong)
     return body
 
 
-def _bad(worker: str, wrong: str) -> UpstreamError:
+def bad_answer(worker: str, wrong: str) -> UpstreamError:
+    """Cause.BAD_ANSWER: worker `worker` "answered 200 " + `wrong`."""
     return UpstreamError(Cause.BAD_ANSWER, f"worker {worker}", f"answered 200 {wrong}")
