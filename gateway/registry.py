@@ -195,7 +195,7 @@ class DiscoverSpec(_Frozen):
 
 
 # The protocols a pool may speak (gateway.protocols.PROTOCOLS implements each one).
-ProtocolName = Literal["friendli-container", "openai-images"]
+ProtocolName = Literal["friendli-container", "openai-images", "a1111"]
 
 FieldName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 UrlPath = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^/[A-Za-z0-9._~/-]*$")]
@@ -234,12 +234,50 @@ class OpenAIImagesSettings(_Frozen):
         return self
 
 
+A1111_FIELDS = (  # the gateway's own, in every txt2img request
+    "prompt",
+    "seed",
+    "steps",
+    "cfg_scale",
+    "width",
+    "height",
+    "sampler_name",
+    "scheduler",
+    "negative_prompt",
+    "batch_size",
+    "n_iter",
+    "send_images",
+    "save_images",
+)
+Side = Annotated[int, Field(ge=64, le=8192, multiple_of=8)]
+
+
+class A1111Settings(_Frozen):
+    """An `a1111` pool (AUTOMATIC1111, Forge, SD.Next): `POST /sdapi/v1/txt2img`, one
+    image, the adapter's LoRA as `<lora:NAME:WEIGHT>` at the end of the prompt."""
+
+    sampler_name: Annotated[str, Field(min_length=1, max_length=64)] = "Euler"  # the API's
+    scheduler: Annotated[str, Field(min_length=1, max_length=64)] | None = None  # None: its
+    width: Side = 512
+    height: Side = 512
+    lora_weight: Annotated[float, Field(ge=-10, le=10, allow_inf_nan=False)] = 1.0
+    negative_prompt: Annotated[str, Field(max_length=4000)] | None = None
+    # More txt2img fields, sent as given (e.g. override_settings: {CLIP_stop_at_last_layers: 2}).
+    extra_fields: Mapping[FieldName, JsonValue] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _fields_apart(self) -> A1111Settings:
+        if clash := sorted(set(A1111_FIELDS) & set(self.extra_fields)):
+            raise ValueError(f"extra_fields may not set {', '.join(clash)}: the gateway sets it")
+        return self
+
+
 # Each protocol's settings block on a pool: its key -> the protocol it is for. A block
 # given on a pool of another protocol is refused (_cross_check), with its line.
-SETTINGS_BLOCKS: Mapping[str, str] = {"openai": "openai-images"}
+SETTINGS_BLOCKS: Mapping[str, str] = {"openai": "openai-images", "a1111": "a1111"}
 
 # The protocols whose adapters may set `lora_weight`.
-LORA_WEIGHT_PROTOCOLS: frozenset[str] = frozenset()
+LORA_WEIGHT_PROTOCOLS: frozenset[str] = frozenset({"a1111"})
 
 
 class PoolSpec(_Frozen):
@@ -284,6 +322,7 @@ class PoolSpec(_Frozen):
     jpeg_quality: Annotated[int, Field(ge=1, le=95)] = 90
     # One settings block per protocol (SETTINGS_BLOCKS); only the pool's own may be given.
     openai: OpenAIImagesSettings = OpenAIImagesSettings()
+    a1111: A1111Settings = A1111Settings()
 
 
 class AdapterSpec(_Frozen):
@@ -530,7 +569,14 @@ def _check_adapter_for_pool(
     registry: Registry, i: int, adapter: AdapterSpec
 ) -> Iterator[tuple[Loc, str]]:
     pool = registry.pools.get(adapter.pool)
-    if pool is None or adapter.lora_weight is None:
+    if pool is None:
+        return
+    name = adapter.upstream_model
+    if pool.protocol == "a1111" and name is not None and ":" in name:
+        # <lora:NAME:WEIGHT> is split at colons: such a name would be read as NAME:te.
+        msg = f"pool {adapter.pool!r} speaks a1111, whose LoRA tags cannot hold a ':'"
+        yield ("adapters", i, "upstream_model"), msg
+    if adapter.lora_weight is None:
         return
     if pool.protocol not in LORA_WEIGHT_PROTOCOLS:
         msg = f"pool {adapter.pool!r} speaks {pool.protocol}, which takes no LoRA weight"

@@ -13,6 +13,9 @@ requests fail with a 500. It is the test double for tests, the demo and benchmar
     openai-images       POST /v1/images/generations as vLLM-Omni / SGLang take it
                         (vendor fields num_inference_steps, guidance_scale, seed,
                         output_format); `model` picks the adapter; GET /v1/models
+    a1111               POST /sdapi/v1/txt2img as AUTOMATIC1111 takes it; LoRAs from
+                        <lora:NAME:WEIGHT> in the prompt; PNG with its parameters in a
+                        text chunk, as A1111 writes them; GET /sdapi/v1/progress
 Every one also answers `GET /health` and `GET /stats` (the simulator's own counters).
 
 It imports nothing from the gateway but the schema, the contract both sides share.
@@ -26,6 +29,7 @@ import hashlib
 import io
 import json
 import random
+import re
 import subprocess
 import sys
 import textwrap
@@ -36,7 +40,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Annotated, Any, Literal
 
 import httpx
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -45,7 +49,7 @@ from starlette.routing import Route
 
 from gateway.schema import MAX_SEED, ImageGenerationBody, error_list
 
-SIM_PROTOCOLS = ("friendli-container", "openai-images")
+SIM_PROTOCOLS = ("friendli-container", "openai-images", "a1111")
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,7 @@ class Drawing:
     width: int
     height: int
     image_format: Literal["JPEG", "PNG", "WEBP"] = "JPEG"
+    text: tuple[tuple[str, str], ...] = ()  # PNG text chunks (A1111's "parameters")
 
 
 @dataclass
@@ -189,8 +194,11 @@ def draw_picture(drawing: Drawing) -> bytes:
     )
     draw.text((8, height - 16), footer, fill=(255, 255, 255), font=font)
     out = io.BytesIO()
+    info = PngImagePlugin.PngInfo()
+    for key, value in drawing.text:
+        info.add_text(key, value)
     # compress_level 1: a noisy 1024px PNG at Pillow's default 6 takes most of a second.
-    image.save(out, format=drawing.image_format, quality=90, compress_level=1)
+    image.save(out, format=drawing.image_format, quality=90, compress_level=1, pnginfo=info)
     return out.getvalue()
 
 
@@ -321,9 +329,156 @@ def openai_routes(worker: SimWorker) -> list[Route]:
     ]
 
 
+# -- AUTOMATIC1111 (also Forge, SD.Next) --------------------------------------------------
+
+
+class A1111Txt2Img(BaseModel):
+    """The txt2img fields of A1111's StableDiffusionTxt2ImgProcessingAPI that clients
+    use, with its defaults (modules/api/models.py builds the model from the processing
+    class; pydantic ignores fields it does not know, and so does this)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    styles: list[str] | None = None
+    seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    sampler_name: str | None = None
+    sampler_index: str = "Euler"
+    scheduler: str | None = None
+    batch_size: Annotated[int, Field(ge=1, le=8)] = 1
+    n_iter: Annotated[int, Field(ge=1, le=8)] = 1
+    steps: Annotated[int, Field(ge=1, le=150)] = 50
+    cfg_scale: float = 7.0
+    width: Annotated[int, Field(ge=64, le=4096)] = 512
+    height: Annotated[int, Field(ge=64, le=4096)] = 512
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    enable_hr: bool = False
+    override_settings: dict[str, Any] | None = None
+    override_settings_restore_afterwards: bool = True
+    send_images: bool = True
+    save_images: bool = False
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+
+
+A1111_SAMPLERS = ("Euler", "Euler a", "DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DDIM", "UniPC")
+A1111_VERSION = "v1.10.1"
+_EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")  # A1111's modules/extra_networks.py
+
+
+def _a1111_error(status: int, error: str, detail: str, errors: str) -> Response:
+    # modules/api/api.py, api_middleware's handle_exception
+    return JSONResponse({"error": error, "detail": detail, "body": "", "errors": errors}, status)
+
+
+def _loras(prompt: str) -> tuple[str, list[tuple[str, str]]]:
+    """The prompt without its extra-network tags, and its LoRAs (name, weight)."""
+    found: list[tuple[str, str]] = []
+
+    def take(match: re.Match[str]) -> str:
+        kind, args = match.group(1), match.group(2).split(":")
+        if kind == "lora":
+            found.append((args[0], args[1] if len(args) > 1 else "1"))
+        return ""
+
+    return _EXTRA_NETWORK.sub(take, prompt), found
+
+
+def a1111_routes(worker: SimWorker) -> list[Route]:
+    async def txt2img(request: Request) -> Response:
+        try:
+            req = A1111Txt2Img.model_validate_json(await request.body())
+        except ValidationError as exc:
+            return JSONResponse({"detail": error_list(exc)}, 422)  # FastAPI's own handler
+        sampler = req.sampler_name or req.sampler_index
+        if sampler not in A1111_SAMPLERS:
+            return _a1111_error(400, "HTTPException", "Sampler not found", "400: Sampler not found")
+        if worker.fails():
+            memory = "CUDA out of memory. Tried to allocate 20.00 MiB (simulated)"
+            return _a1111_error(500, "OutOfMemoryError", "", memory)
+        prompt, loras = _loras(req.prompt)
+        # A LoRA the server does not have is skipped ("couldn't find Lora with name").
+        served = [(name, weight) for name, weight in loras if worker.serves(name)]
+        adapter = ",".join(f"{name}:{weight}" for name, weight in served) or None
+        seed = req.seed if req.seed != -1 else random.randrange(4294967294)
+        images, infotexts = [], []
+        for i in range(req.batch_size * req.n_iter):
+            infotext = (
+                f"{req.prompt}\nSteps: {req.steps}, Sampler: {sampler}, CFG scale: "
+                f"{req.cfg_scale}, Seed: {seed + i}, Size: {req.width}x{req.height}, "
+                f"Model hash: 31e35c80fc, Model: sd_xl_base_1.0, Version: {A1111_VERSION}"
+            )
+            drawing = Drawing(
+                prompt=prompt.strip(),
+                steps=req.steps,
+                guidance=req.cfg_scale,
+                adapter=adapter,
+                seed=seed + i,
+                width=req.width,
+                height=req.height,
+                image_format="PNG",
+                text=(("parameters", infotext),),
+            )
+            images.append(_b64(await worker.draw(drawing)) if req.send_images else None)
+            infotexts.append(infotext)
+        info = {
+            "prompt": req.prompt,
+            "all_prompts": [req.prompt] * len(infotexts),
+            "seed": seed,
+            "all_seeds": [seed + i for i in range(len(infotexts))],
+            "width": req.width,
+            "height": req.height,
+            "sampler_name": sampler,
+            "cfg_scale": req.cfg_scale,
+            "steps": req.steps,
+            "infotexts": infotexts,
+            "version": A1111_VERSION,
+        }
+        return JSONResponse(
+            {
+                "images": [image for image in images if image is not None],
+                "parameters": req.model_dump(),
+                "info": json.dumps(info),
+            }
+        )
+
+    async def progress(request: Request) -> Response:
+        worker.stats.probes += 1
+        state = {
+            "skipped": False,
+            "interrupted": False,
+            "stopping_generation": False,
+            "job": "scripts_txt2img" if worker.busy else "",
+            "job_count": worker.stats.in_flight,
+            "job_timestamp": "0",
+            "job_no": 0,
+            "sampling_step": 0,
+            "sampling_steps": 0,
+        }
+        return JSONResponse(
+            {
+                "progress": 0.0,
+                "eta_relative": 0.0,
+                "state": state,
+                "current_image": None,
+                "textinfo": None,
+                "current_task": None,
+            }
+        )
+
+    return [
+        Route("/sdapi/v1/txt2img", txt2img, methods=["POST"]),
+        Route("/sdapi/v1/progress", progress, methods=["GET"]),
+    ]
+
+
 ROUTES: dict[str, Callable[[SimWorker], list[Route]]] = {
     "friendli-container": friendli_routes,
     "openai-images": openai_routes,
+    "a1111": a1111_routes,
 }
 
 

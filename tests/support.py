@@ -302,11 +302,15 @@ class ScriptedWorker:
 
 
 @asynccontextmanager
-async def scripted_worker(handler: Handler) -> AsyncIterator[ScriptedWorker]:
+async def scripted_worker(
+    handler: Handler, *, path: str = "/v1/images/generations", health_path: str = "/health"
+) -> AsyncIterator[ScriptedWorker]:
+    """`path` and `health_path`: where it takes generations and probes (another
+    protocol's, e.g. /sdapi/v1/txt2img and /sdapi/v1/progress)."""
     worker = ScriptedWorker(handler)
     app = web.Application()
-    app.router.add_post("/v1/images/generations", worker._handle)
-    app.router.add_get("/health", worker._health)
+    app.router.add_post(path, worker._handle)
+    app.router.add_get(health_path, worker._health)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -133,8 +133,9 @@ def test_demo_serves_images_and_stops_its_workers() -> None:
         worker_urls = re.findall(r"^    (http://127\.0\.0\.1:\d+)", printed, re.M)
         pools = re.findall(r"^  # pool (\S+) \((\S+)\)$", printed, re.M)
         bodies = re.findall(r"^    -d '(\{.*\})' \|", printed, re.M)
-        assert {protocol for _, protocol in pools} == {"friendli-container", "openai-images"}
-        assert len(bodies) == len(pools) == 3
+        protocols = {"friendli-container", "openai-images", "a1111"}
+        assert {protocol for _, protocol in pools} == protocols
+        assert len(bodies) == len(pools) == 4
         for payload in bodies:  # each curl of the banner, as it is printed
             resp = httpx.post(url + "/v1/images/generations", content=payload, timeout=30)
             assert resp.status_code == 200, resp.text
@@ -144,7 +145,7 @@ def test_demo_serves_images_and_stops_its_workers() -> None:
         code = proc.wait(15)
         proc.stdout.close()
     assert code == 0
-    assert len(set(worker_urls)) == 4
+    assert len(set(worker_urls)) == 5
     for worker_url in worker_urls:  # the demo's children are gone with it
         with pytest.raises(httpx.ConnectError):
             httpx.get(worker_url + "/health")

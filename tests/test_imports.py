@@ -63,6 +63,7 @@ LAYERS: dict[str, int] = {
     # 5: each protocol; the balancer (on the health state); coalescing (on the cache)
     "gateway.protocols.friendli_container": 5,
     "gateway.protocols.openai_images": 5,
+    "gateway.protocols.a1111": 5,
     "gateway.balancer": 5,
     "gateway.coalesce": 5,
     # 6: the table of protocols; DNS discovery (drives the balancer)

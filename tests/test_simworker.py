@@ -141,3 +141,48 @@ async def test_openai_without_a_seed_draws_a_random_one() -> None:
         }
     assert len(images) == 3
     assert len(seeded) == 1
+
+
+# -- a1111: AUTOMATIC1111's txt2img ------------------------------------------------------
+
+
+async def test_a1111_answers_its_shape_png_with_its_parameters() -> None:
+    async with sim(step_ms=0, protocol="a1111", adapters=("pixel-art",)) as client:
+        resp = await client.post(
+            "/sdapi/v1/txt2img",
+            json={"prompt": "a fox <lora:pixel-art:0.8>", "seed": 3, "width": 64, "height": 72},
+        )
+        unknown = await client.post(
+            "/sdapi/v1/txt2img", json={"prompt": "a fox <lora:nope:1>", "seed": 3}
+        )
+        stats = (await client.get("/stats")).json()
+        progress = await client.get("/sdapi/v1/progress?skip_current_image=true")
+    answer = resp.json()
+    assert list(answer) == ["images", "parameters", "info"]
+    assert json.loads(answer["info"])["seed"] == 3
+    image = Image.open(io.BytesIO(base64.b64decode(answer["images"][0])))
+    assert (image.format, image.size) == ("PNG", (64, 72))
+    assert "Seed: 3" in image.info["parameters"]
+    assert unknown.status_code == 200  # A1111 skips a LoRA it cannot find
+    assert stats["requests_by_adapter"] == {"pixel-art:0.8": 1, "": 1}
+    assert progress.json()["state"]["job_count"] == 0
+
+
+async def test_a1111_refuses_what_a1111_refuses() -> None:
+    async with sim(step_ms=0, protocol="a1111") as client:
+        sampler = await client.post("/sdapi/v1/txt2img", json={"prompt": "x", "sampler_name": "Z"})
+        steps = await client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": "many"})
+        random_seed = [
+            (await client.post("/sdapi/v1/txt2img", json={"prompt": "x", "seed": -1})).json()
+            for _ in range(2)
+        ]
+    assert sampler.status_code == 400
+    assert sampler.json() == {
+        "error": "HTTPException",
+        "detail": "Sampler not found",
+        "body": "",
+        "errors": "400: Sampler not found",
+    }
+    assert steps.status_code == 422
+    seeds = [json.loads(answer["info"])["seed"] for answer in random_seed]
+    assert seeds[0] != seeds[1]

@@ -53,6 +53,7 @@ from typing import Protocol
 
 import aiohttp
 
+from gateway.protocols.a1111 import A1111
 from gateway.protocols.call import Call, Probe
 from gateway.protocols.friendli_container import FriendliContainer
 from gateway.protocols.openai_images import OpenAIImages
@@ -93,7 +94,7 @@ class WorkerProtocol(Protocol):
     def variant(self, adapter: AdapterSpec, pool: PoolSpec) -> str | None: ...
 
 
-_ALL: tuple[WorkerProtocol, ...] = (FriendliContainer(), OpenAIImages())
+_ALL: tuple[WorkerProtocol, ...] = (FriendliContainer(), OpenAIImages(), A1111())
 PROTOCOLS: Mapping[str, WorkerProtocol] = {protocol.name: protocol for protocol in _ALL}
 
 

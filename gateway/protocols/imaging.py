@@ -74,6 +74,54 @@ def string_at(body: bytes, lead: re.Pattern[bytes]) -> bytes | None:
     return None if b"\\" in text else text
 
 
+_PNG_TEXT = (b"tEXt", b"iTXt", b"zTXt", b"eXIf")
+_JPEG_DROPPED = {0xE1, 0xFE}  # APP1 (Exif, XMP) and COM; APP0 (JFIF), APP2 (ICC) stay
+
+
+def strip_metadata(image: bytes) -> bytes:
+    """`image` without its text metadata, its pixels untouched: a PNG's text and Exif
+    chunks, a JPEG's Exif/XMP and comment segments. Servers write generation
+    parameters there (AUTOMATIC1111: the prompt, the model's name and hash, its own
+    version). A structure that does not parse is returned as it is (the answer check
+    still reads the image's ends)."""
+    try:
+        if image.startswith(_SIGNATURES["PNG"]):
+            return _strip_png(image)
+        if image.startswith(_SIGNATURES["JPEG"]):
+            return _strip_jpeg(image)
+    except (IndexError, ValueError):
+        pass
+    return image
+
+
+def _strip_png(png: bytes) -> bytes:
+    kept, at = [png[:8]], 8
+    while at < len(png):
+        length = int.from_bytes(png[at : at + 4], "big")
+        end = at + 12 + length  # length, type, data, CRC
+        if end > len(png):
+            raise ValueError("chunk past the end")
+        if png[at + 4 : at + 8] not in _PNG_TEXT:
+            kept.append(png[at:end])
+        at = end
+    return b"".join(kept)
+
+
+def _strip_jpeg(jpeg: bytes) -> bytes:
+    kept, at = [jpeg[:2]], 2
+    while True:  # segments up to the start of scan; what follows is image data
+        if jpeg[at] != 0xFF:
+            raise ValueError("not a marker")
+        marker = jpeg[at + 1]
+        if marker == 0xDA:
+            kept.append(jpeg[at:])
+            return b"".join(kept)
+        end = at + 2 + int.from_bytes(jpeg[at + 2 : at + 4], "big")
+        if marker not in _JPEG_DROPPED:
+            kept.append(jpeg[at:end])
+        at = end
+
+
 def parse_json(body: bytes, worker: str) -> Any:
     """`body` parsed, or Cause.BAD_ANSWER saying why it is not JSON."""
     try:
