@@ -55,7 +55,6 @@ PROGRESS = "/sdapi/v1/progress?skip_current_image=true"
 # A1111's modules/extra_networks.py: re_extra_net = re.compile(r"<(\w+):([^>]+)>")
 EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
 _FIRST_IMAGE = re.compile(rb'"images"[ \t\r\n]*:[ \t\r\n]*\[[ \t\r\n]*"')
-_PROBE_MAX_BYTES = 1024 * 1024
 
 
 class A1111:
@@ -104,7 +103,7 @@ class A1111:
                 worker="probe",
                 timeout=timeout,
                 headers=headers,
-                max_bytes=_PROBE_MAX_BYTES,
+                max_bytes=pool.max_response_bytes,  # what a worker may answer at most
             )
         except UpstreamError:
             return "down"

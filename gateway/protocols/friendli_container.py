@@ -20,8 +20,6 @@ from gateway.protocols.http import Answer, Check, get_json, post_json, refusal
 from gateway.registry import AdapterSpec, PoolSpec
 from gateway.schema import ResponseFormat
 
-_PROBE_MAX_BYTES = 64 * 1024
-
 
 class FriendliContainer:
     name = "friendli-container"
@@ -65,7 +63,7 @@ class FriendliContainer:
                 worker="probe",
                 timeout=timeout,
                 headers=headers,
-                max_bytes=_PROBE_MAX_BYTES,
+                max_bytes=pool.max_response_bytes,  # what a worker may answer at most
             )
         except UpstreamError:
             return "down"

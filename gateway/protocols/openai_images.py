@@ -37,7 +37,6 @@ from gateway.registry import AdapterSpec, OpenAIImagesSettings, PoolSpec
 from gateway.schema import MAX_SEED, WorkerRequest
 
 _B64_JSON = re.compile(rb'"b64_json"[ \t\r\n]*:[ \t\r\n]*"')
-_PROBE_MAX_BYTES = 1024 * 1024  # /v1/models lists every model: larger than /health
 _FORMATS = {"jpeg": "jpeg", "raw": "png"}
 
 
@@ -84,7 +83,7 @@ class OpenAIImages:
                 worker="probe",
                 timeout=timeout,
                 headers=headers,
-                max_bytes=_PROBE_MAX_BYTES,
+                max_bytes=pool.max_response_bytes,  # what a worker may answer at most
             )
         except UpstreamError:
             return "down"

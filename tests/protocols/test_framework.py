@@ -8,6 +8,7 @@ import io
 import typing
 import zlib
 
+import aiohttp
 import pytest
 from aiohttp import web
 from PIL import Image
@@ -280,3 +281,28 @@ def test_check_prints_how_each_adapter_is_chosen() -> None:
         "not deterministic: not cached" in table
     )
     assert "pix -> pool p (friendli-container), model=pixel-art\n" in table
+
+
+async def test_a_probe_reads_an_answer_as_large_as_a_worker_may_send() -> None:
+    """A health route that answers a lot (some echo a body, a static responder answers
+    every route alike) is still healthy: probes read up to max_response_bytes."""
+
+    async def health(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=b"x" * 200_000)
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            probe = protocol_for("friendli-container").probe
+            timeout = aiohttp.ClientTimeout(total=5)
+            big = await probe(session, url, timeout=timeout, headers={}, pool=PoolSpec())
+            small = PoolSpec(max_response_bytes=100_000)
+            over = await probe(session, url, timeout=timeout, headers={}, pool=small)
+    finally:
+        await runner.cleanup()
+    assert (big, over) == ("ok", "down")
