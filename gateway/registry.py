@@ -273,7 +273,7 @@ class A1111Settings(_Frozen):
 
 
 # Each protocol's settings block on a pool: its key -> the protocol it is for. A block
-# given on a pool of another protocol is refused (_cross_check), with its line.
+# set on a pool of another protocol is refused (_cross_check), with its line.
 SETTINGS_BLOCKS: Mapping[str, str] = {"openai": "openai-images", "a1111": "a1111"}
 
 # The protocols whose adapters may set `lora_weight`.
@@ -552,8 +552,11 @@ def _cross_check(registry: Registry) -> Iterator[tuple[Loc, str]]:
                 yield ("adapters", i, "default"), f"two default adapters: {both}"
     for name, pool in registry.pools.items():
         for block, protocol in SETTINGS_BLOCKS.items():
-            if block in pool.model_fields_set and pool.protocol != protocol:
-                msg = f"a {protocol} block, but this pool speaks {pool.protocol}"
+            # A block left at its defaults does nothing anywhere: a registry dumped and
+            # read again (every block written out) must load.
+            settings = getattr(pool, block)
+            if pool.protocol != protocol and settings != type(settings)():
+                msg = f"settings for {protocol}, but this pool speaks {pool.protocol}"
                 yield ("pools", name, block), msg
         if bool(pool.workers) == (pool.discover is not None):
             yield ("pools", name), "give either a 'workers' list or 'discover', not both or none"

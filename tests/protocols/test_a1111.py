@@ -187,8 +187,8 @@ def a1111_yaml(adapters: list[dict[str, Any]] | None = None, **a1111: Any) -> st
     ("text", "error"),
     [
         (
-            registry_yaml({"p": ["http://127.0.0.1:9"]}, a1111={"width": 512}),
-            r":\d+: pools\.p\.a1111: a a1111 block, but this pool speaks friendli-container",
+            registry_yaml({"p": ["http://127.0.0.1:9"]}, a1111={"width": 1024}),
+            r":\d+: pools\.p\.a1111: settings for a1111, but this pool speaks friendli-container",
         ),
         (a1111_yaml(width=500), r"pools\.p\.a1111\.width: Input should be a multiple of 8"),
         (a1111_yaml(extra_fields={"seed": 1}), r"extra_fields may not set seed"),

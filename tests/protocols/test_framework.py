@@ -7,9 +7,11 @@ import base64
 import io
 import typing
 import zlib
+from pathlib import Path
 
 import aiohttp
 import pytest
+import yaml
 from aiohttp import web
 from PIL import Image
 
@@ -306,3 +308,11 @@ async def test_a_probe_reads_an_answer_as_large_as_a_worker_may_send() -> None:
     finally:
         await runner.cleanup()
     assert (big, over) == ("ok", "down")
+
+
+def test_a_registry_written_out_whole_loads_again() -> None:
+    """Every settings block is in a dump (at its defaults where the pool's protocol is
+    another): reading it back must not refuse them."""
+    registry = parse_registry(Path("adapters.yaml").read_text())
+    again = parse_registry(yaml.safe_dump(registry.model_dump(mode="json", exclude={"digest"})))
+    assert again.pools == registry.pools

@@ -167,7 +167,7 @@ def openai_yaml(url: str = "http://127.0.0.1:9", **openai: Any) -> str:
     [
         (
             registry_yaml({"p": ["http://127.0.0.1:9"]}, openai={"size": "512x512"}),
-            r":\d+: pools\.p\.openai: a openai-images block, but this pool speaks "
+            r":\d+: pools\.p\.openai: settings for openai-images, but this pool speaks "
             r"friendli-container",
         ),
         (openai_yaml(size="512"), r"pools\.p\.openai\.size: String should match"),
