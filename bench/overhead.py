@@ -3,6 +3,7 @@
     python -m bench.overhead [--upstream static|sim] [--duration 5] [--auth]
                              [--baseline DIR] [--rounds N]
     python -m bench.overhead --check-only
+    python -m bench.overhead --protocols [--duration 5]
 
 Starts an upstream on loopback (a static responder that costs almost no CPU, or the
 sim worker with zero delay), the real gateway under uvicorn in front of it, then loads
@@ -20,6 +21,13 @@ The answer is a real JPEG (640x640: 149 KB in base64), so the gateway's answer c
 Every run also times the answer check (`gateway.answers.problem`) on the same response
 body, against what a full check would cost (json.loads + a strict base64 decode);
 `--check-only` prints just that.
+
+`--protocols` prices each worker protocol's translation in one run: one gateway with a
+pool per row, each pool in front of a static upstream answering that protocol's shape
+(the same 640x640 picture), loaded in turn at concurrency 1 and 16. Each row is printed
+as a ratio to the friendli-container passthrough: an image in the format asked passes
+through (sliced out of the answer, checked, metadata stripped for a1111), one in the
+other format is decoded and re-encoded (what a1111's PNG costs a client asking JPEG).
 
 `--baseline DIR` prices a change in one run: DIR is another checkout of the gateway
 (`git worktree add /tmp/old <commit>`), served by a second gateway process on the
@@ -45,7 +53,7 @@ import time
 import timeit
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import aiohttp
@@ -54,7 +62,7 @@ from gateway.answers import problem
 from gateway.auth import hash_key
 from gateway.cli import free_port
 from gateway.schema import ImageGenerationBody
-from gateway.simworker import render, stop, wait_healthy
+from gateway.simworker import Drawing, draw_picture, render, stop, wait_healthy
 
 BODY = {
     "prompt": "a red fox in the snow",
@@ -93,9 +101,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--check-only", action="store_true", help="time the answer check only")
     parser.add_argument("--baseline", type=Path, help="another gateway checkout to compare")
     parser.add_argument("--rounds", type=int, default=1, help="gateway/baseline rounds")
+    parser.add_argument("--protocols", action="store_true", help="a row per worker protocol")
     args = parser.parse_args(argv)
     if args.check_only:
         report_check(image_response(args.size))
+        return
+    if args.protocols:
+        run_protocols(args.size, args.duration)
         return
     headers = {"Content-Type": "application/json", "Cache-Control": NO_STORE}
     if args.auth:
@@ -209,13 +221,19 @@ def report_check(body: bytes) -> None:
     )
 
 
-def load(target: Target, concurrency: int, duration: float, headers: Mapping[str, str]) -> Result:
+def load(
+    target: Target,
+    concurrency: int,
+    duration: float,
+    headers: Mapping[str, str],
+    body: Mapping[str, object] = BODY,
+) -> Result:
     url = target.url + PATH
     cpu_before = _cpu_s(target.pid)
     if shutil.which("wrk"):
-        result = load_wrk(url, concurrency, duration, headers)
+        result = load_wrk(url, concurrency, duration, headers, body)
     else:
-        result = asyncio.run(load_aiohttp(url, concurrency, duration, headers))
+        result = asyncio.run(load_aiohttp(url, concurrency, duration, headers, body))
     cpu_after = _cpu_s(target.pid)
     if cpu_before is not None and cpu_after is not None and result.requests:
         result.cpu_us = (cpu_after - cpu_before) / result.requests * 1e6
@@ -244,13 +262,19 @@ def _median(results: Sequence[Result]) -> Result:
     )
 
 
-def load_wrk(url: str, concurrency: int, duration: float, headers: Mapping[str, str]) -> Result:
+def load_wrk(
+    url: str,
+    concurrency: int,
+    duration: float,
+    headers: Mapping[str, str],
+    body: Mapping[str, object] = BODY,
+) -> Result:
     cores = os.cpu_count() or 1
     pin = ["taskset", "-c", f"1-{cores - 1}"] if cores >= 2 and shutil.which("taskset") else []
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(
             'wrk.method = "POST"\n'
-            f"wrk.body = '{json.dumps(BODY)}'\n"
+            f"wrk.body = '{json.dumps(body)}'\n"
             + "".join(f'wrk.headers["{name}"] = "{value}"\n' for name, value in headers.items())
         )
     try:
@@ -327,10 +351,14 @@ def _wrk_ms(out: str, pct: str) -> float:
 
 
 async def load_aiohttp(
-    url: str, concurrency: int, duration: float, headers: Mapping[str, str]
+    url: str,
+    concurrency: int,
+    duration: float,
+    headers: Mapping[str, str],
+    body: Mapping[str, object] = BODY,
 ) -> Result:
     latencies: list[float] = []
-    payload = json.dumps(BODY).encode()
+    payload = json.dumps(body).encode()
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
         deadline = time.perf_counter() + duration
@@ -387,6 +415,117 @@ def report(results: dict[tuple[str, int], Result], args: argparse.Namespace) -> 
 
 def _us(value: float | None) -> str:
     return "?" if value is None else f"{value:.0f} us"
+
+
+# -- --protocols: a row per worker protocol --------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProtocolRow:
+    name: str
+    protocol: str
+    answer: bytes  # what the static upstream answers every request with
+    response_format: str  # what the client asks for
+    path: str  # what the gateway does with the image
+
+
+def protocol_rows(size: int) -> list[ProtocolRow]:
+    """The same picture as each protocol's answer: in the format asked, and not."""
+    drawing = Drawing("a red fox in the snow", 20, 7.5, None, 7, size, size, "JPEG")
+    jpeg = draw_picture(drawing)
+    infotext = "a red fox in the snow\nSteps: 20, Sampler: Euler, Seed: 7, Version: v1.10.1"
+    png = draw_picture(replace(drawing, image_format="PNG", text=(("parameters", infotext),)))
+
+    def openai(image: bytes) -> bytes:
+        item = {"b64_json": base64.b64encode(image).decode(), "url": None, "revised_prompt": None}
+        return json.dumps({"created": 1, "data": [item]}).encode()
+
+    a1111 = json.dumps(
+        {
+            "images": [base64.b64encode(png).decode()],
+            "parameters": {"prompt": "a red fox in the snow", "seed": 7},
+            "info": json.dumps({"seed": 7, "infotexts": [infotext]}),
+        }
+    ).encode()
+    friendli = b'{"image":"' + base64.b64encode(jpeg) + b'"}'
+    return [
+        ProtocolRow("friendli", "friendli-container", friendli, "jpeg", "passthrough"),
+        ProtocolRow("openai", "openai-images", openai(jpeg), "jpeg", "sliced, checked"),
+        ProtocolRow("openai-reenc", "openai-images", openai(png), "jpeg", "PNG -> JPEG"),
+        ProtocolRow("a1111", "a1111", a1111, "raw", "PNG, metadata stripped"),
+        ProtocolRow("a1111-reenc", "a1111", a1111, "jpeg", "PNG -> JPEG"),
+    ]
+
+
+def run_protocols(size: int, duration: float) -> None:
+    rows = protocol_rows(size)
+    headers = {"Content-Type": "application/json", "Cache-Control": NO_STORE}
+    results: dict[tuple[str, int], Result] = {}
+    with tempfile.TemporaryDirectory() as tmp, protocol_servers(rows, Path(tmp)) as target:
+        for row in rows:
+            body = {**BODY, "model": row.name, "response_format": row.response_format}
+            for conc in (1, 16):
+                results[row.name, conc] = load(target, conc, duration, headers, body)
+    report_protocols(rows, results, size, duration)
+
+
+@contextmanager
+def protocol_servers(rows: Sequence[ProtocolRow], tmp: Path) -> Iterator[Target]:
+    """A static upstream per row and one gateway with a pool per row (pinned as the
+    main run pins them)."""
+    cores = os.cpu_count() or 1
+    gateway_cpu = ["taskset", "-c", "0"] if cores >= 2 and shutil.which("taskset") else []
+    other_cpu = ["taskset", "-c", f"1-{cores - 1}"] if gateway_cpu else []
+    pools, adapters, procs = [], [], []
+    try:
+        for row in rows:
+            port, answer = free_port(), tmp / f"{row.name}.json"
+            answer.write_bytes(row.answer)
+            cmd = [sys.executable, "-m", "bench.static_upstream", "--body-file", str(answer)]
+            procs.append(subprocess.Popen([*other_cpu, *cmd, "--port", str(port)]))
+            pools.append(
+                f"  {row.name}:\n    protocol: {row.protocol}\n    workers:\n"
+                f"      - {{url: 'http://127.0.0.1:{port}', max_concurrency: 1000}}\n"
+            )
+            adapters.append(f"  - {{name: {row.name}, pool: {row.name}}}\n")
+            wait_healthy(f"http://127.0.0.1:{port}", proc=procs[-1])
+        config = tmp / "adapters.yaml"
+        config.write_text("pools:\n" + "".join(pools) + "adapters:\n" + "".join(adapters))
+        port = free_port()
+        cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
+        procs.append(
+            subprocess.Popen([*gateway_cpu, *cmd, "--log-level", "warning", "--port", str(port)])
+        )
+        target = Target(f"http://127.0.0.1:{port}", procs[-1].pid)
+        wait_healthy(target.url, proc=procs[-1], path="/healthz")
+        yield target
+    finally:
+        for proc in procs:
+            stop(proc)
+
+
+def report_protocols(
+    rows: Sequence[ProtocolRow],
+    results: Mapping[tuple[str, int], Result],
+    size: int,
+    duration: float,
+) -> None:
+    tool = "wrk" if shutil.which("wrk") else "aiohttp client"
+    print(f"image {size}x{size}  load={tool}  duration={duration}s per run; static upstreams\n")
+    print(
+        f"{'row':<13} {'protocol':<19} {'image':<23} {'KB':>5} {'c=16 req/s':>10} "
+        f"{'x friendli':>10} {'cpu us/req':>10} {'x':>5} {'p50 c=1':>8}"
+    )
+    base = results["friendli", 16]
+    for row in rows:
+        r16, r1 = results[row.name, 16], results[row.name, 1]
+        cpu = "" if r16.cpu_us is None else f"{r16.cpu_us:.0f}"
+        cpu_x = f"{r16.cpu_us / base.cpu_us:.1f}" if r16.cpu_us and base.cpu_us else ""
+        print(
+            f"{row.name:<13} {row.protocol:<19} {row.path:<23} {len(row.answer) / 1000:>5.0f} "
+            f"{r16.rps:>10.0f} {r16.rps / base.rps:>10.2f} {cpu:>10} {cpu_x:>5} "
+            f"{r1.p50_ms:>8.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -48,10 +48,18 @@ T = TypeVar("T")
 KEY_VERSION = "v1"
 
 
-def cache_key(adapter: AdapterSpec, job: WorkerRequest, *, namespace: str) -> str:
+def cache_key(
+    adapter: AdapterSpec, job: WorkerRequest, *, namespace: str, variant: str | None = None
+) -> str:
     """The key of the image `job` asks for. `job` has every optional field decided (the
     seed picked, the format defaulted), so null and missing read the same; floats are
-    written by `repr`, so 7.5, 7.50 and 7.500 (or 1 and 1.0) are one number."""
+    written by `repr`, so 7.5, 7.50 and 7.500 (or 1 and 1.0) are one number.
+
+    `variant` is what else decides the image on the adapter's workers (its pool's
+    protocol and the settings that shape the picture: `WorkerProtocol.variant`); None,
+    a friendli-container pool's, leaves the key what it was before protocols existed.
+    It is why the same adapter moved to a pool of another protocol, or to other
+    settings, never serves the images the old one drew."""
     fields: dict[str, object] = {
         "adapter": adapter.name,
         "revision": adapter.revision,
@@ -62,6 +70,8 @@ def cache_key(adapter: AdapterSpec, job: WorkerRequest, *, namespace: str) -> st
     }
     if "guidance_scale" not in adapter.ignore:
         fields["guidance"] = float(job.guidance_scale)
+    if variant is not None:
+        fields["variant"] = variant
     text = json.dumps(fields, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return f"{namespace}:{KEY_VERSION}:{hashlib.sha256(text.encode()).hexdigest()}"
 
@@ -409,8 +419,8 @@ class ResultCache:
         self._clock = clock
         self._ttl_ms = max(1, round(spec.ttl_s * 1000))
 
-    def key(self, adapter: AdapterSpec, job: WorkerRequest) -> str:
-        return cache_key(adapter, job, namespace=self.spec.namespace)
+    def key(self, adapter: AdapterSpec, job: WorkerRequest, *, variant: str | None = None) -> str:
+        return cache_key(adapter, job, namespace=self.spec.namespace, variant=variant)
 
     def policy(self, asked: CachePolicy) -> CachePolicy:
         return asked if self.spec.enabled else CachePolicy.BYPASS

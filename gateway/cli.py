@@ -28,10 +28,19 @@ from uvicorn.supervisors import Multiprocess
 from gateway.app import create_app
 from gateway.auth import hash_key, new_key
 from gateway.errors import ConfigError
+from gateway.protocols import deterministic, protocol_for
+from gateway.protocols.openai_images import served_model
 from gateway.registry import CacheSpec, Registry, load_registry, redacted
 from gateway.server import SERVED_PROTOCOL, ServerLimits, raise_fd_limit, uvicorn_config
 from gateway.settings import Settings
-from gateway.simworker import SimConfig, create_sim_app, spawn, stop, wait_healthy
+from gateway.simworker import (
+    SIM_PROTOCOLS,
+    SimConfig,
+    create_sim_app,
+    spawn,
+    stop,
+    wait_healthy,
+)
 
 log = logging.getLogger("gateway.server")  # where the server layer logs its limits
 
@@ -110,16 +119,24 @@ def _parser() -> argparse.ArgumentParser:
         "sim-worker",
         help="a SIMULATED GPU worker (no model: draws test images with Pillow)",
         description=(
-            "A GPU-worker SIMULATOR speaking the Friendli Container image API. It runs "
-            "no model: it draws a deterministic test picture and takes the time a GPU "
-            "would. For tests, the demo and benchmarks."
+            "A GPU-worker SIMULATOR speaking an image server's API (--protocol: the "
+            "Friendli Container one by default) with that server's request and response "
+            "shapes. It runs no model: it draws a deterministic test picture and takes "
+            "the time a GPU would. For tests, the demo and benchmarks."
         ),
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
+    p.add_argument(
+        "--protocol", choices=SIM_PROTOCOLS, default="friendli-container", help="the API served"
+    )
     p.add_argument("--step-ms", type=float, default=20.0, help="time per inference step")
     p.add_argument("--concurrency", type=int, default=2, help="generations at once")
-    p.add_argument("--adapters", default=None, help="comma-separated LoRA names served")
+    p.add_argument(
+        "--adapters",
+        default=None,
+        help="comma-separated LoRA names served (openai-images: served model names)",
+    )
     p.add_argument("--adapter-load-ms", type=float, default=500.0)
     p.add_argument("--max-loaded-adapters", type=int, default=4)
     p.add_argument("--fail-rate", type=float, default=0.0, help="share answered with 500")
@@ -268,12 +285,21 @@ def hash_key_command(args: argparse.Namespace) -> int:
 
 
 def routing_table(registry: Registry) -> str:
+    """Each adapter: its names, its pool and that pool's protocol, and how the adapter
+    is chosen on the workers (the protocol's words: `model=...`, a LoRA tag...)."""
     lines = [f"registry {registry.digest}: {len(registry.adapters)} adapters"]
     for adapter in registry.adapters:
         pool = registry.pool_of(adapter)
         names = [adapter.name, *adapter.aliases]
         mark = " (default)" if adapter.default else ""
-        lines.append(f"{' | '.join(names)}{mark} -> pool {adapter.pool} ({pool.protocol})")
+        chosen = protocol_for(pool.protocol).selection(adapter, pool)
+        if not deterministic(adapter, pool):
+            chosen += "; not deterministic: " + (
+                "cached anyway" if adapter.cache_nondeterministic else "not cached"
+            )
+        lines.append(
+            f"{' | '.join(names)}{mark} -> pool {adapter.pool} ({pool.protocol}), {chosen}"
+        )
         for worker in pool.workers:
             lines.append(f"    {worker.url}  max_concurrency={worker.max_concurrency}")
         if (d := pool.discover) is not None:
@@ -304,6 +330,7 @@ def sim_worker(args: argparse.Namespace) -> int:
         fail_rate=args.fail_rate,
         size=args.size,
         rng_seed=args.seed,
+        protocol=args.protocol,
     )
     app = create_sim_app(config)
     uvicorn.Server(uvicorn_config(app, host=args.host, port=args.port, log_level="warning")).run()
@@ -373,16 +400,16 @@ def _start_sim_workers(
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for name, pool in data["pools"].items():
-            served = sorted(
-                {a.upstream_model for a in registry.adapters if a.pool == name and a.upstream_model}
-            )
+            spec = registry.pools[name]
+            served = served_names(registry, name)
             for worker in pool["workers"]:
                 port = free_port()
                 worker["url"] = f"http://127.0.0.1:{port}"
                 slots = str(worker["max_concurrency"])
                 options = ["--step-ms", str(step_ms), "--concurrency", slots]
+                options += ["--protocol", spec.protocol]
                 if served:
-                    options += ["--adapters", ",".join(map(str, served))]
+                    options += ["--adapters", ",".join(served)]
                 procs.append(spawn(port, *options))
                 wait_healthy(worker["url"], proc=procs[-1])
     except BaseException:
@@ -393,27 +420,59 @@ def _start_sim_workers(
 
 
 def _curl_example(url: str, registry: Registry) -> str:
-    # A LoRA adapter shows routing best; the default adapter when there is none.
-    model = next((a.name for a in registry.adapters if a.upstream_model), registry.adapters[0].name)
-    body = json.dumps(
-        {
-            "prompt": "a red fox in the snow",
-            "num_inference_steps": 20,
-            "guidance_scale": 7.5,
-            "model": model,
-            "seed": 7,
-        }
-    )
+    """One curl per pool (so every protocol the demo runs is one paste away), then
+    `gateway generate` for the first."""
     decode = (
         "python3 -c 'import sys,json,base64; "
         'sys.stdout.buffer.write(base64.b64decode(json.load(sys.stdin)["image"]))\''
     )
-    return (
-        f"try it:\n  curl -s {url}/v1/images/generations -H 'Content-Type: application/json' \\\n"
-        f"    -d '{body}' | {decode} > fox.jpg\n"
-        f"or:\n  gateway generate 'a red fox in the snow' --model {model} --seed 7 "
-        f"--out fox.jpg --url {url}\nCtrl-C stops the gateway and its workers."
-    )
+    lines = ["try it, one request per pool:"]
+    models = []
+    for pool_name, pool in registry.pools.items():
+        adapters = [a for a in registry.adapters if a.pool == pool_name]
+        if not adapters:
+            continue
+        # A LoRA adapter shows routing best; the pool's first adapter when there is none.
+        model = next((a.name for a in adapters if a.upstream_model), adapters[0].name)
+        models.append(model)
+        body = json.dumps(
+            {
+                "prompt": "a red fox in the snow",
+                "num_inference_steps": 20,
+                "guidance_scale": 7.5,
+                "model": model,
+                "seed": 7,
+            }
+        )
+        lines += [
+            f"  # pool {pool_name} ({pool.protocol})",
+            f"  curl -s {url}/v1/images/generations -H 'Content-Type: application/json' \\",
+            f"    -d '{body}' | {decode} > fox-{pool_name}.jpg",
+        ]
+    lines += [
+        "or:",
+        f"  gateway generate 'a red fox in the snow' --model {models[0]} --seed 7 "
+        f"--out fox.jpg --url {url}",
+        "Ctrl-C stops the gateway and its workers.",
+    ]
+    return "\n".join(lines)
+
+
+def served_names(registry: Registry, pool_name: str) -> list[str]:
+    """What the demo's sim workers of a pool serve: the names the gateway will send
+    (for openai-images, served model names; else the adapters' upstream_model)."""
+    pool = registry.pools[pool_name]
+    names = set()
+    for adapter in registry.adapters:
+        if adapter.pool != pool_name:
+            continue
+        if pool.protocol == "openai-images":
+            name = served_model(adapter.upstream_model, pool.openai)
+        else:
+            name = adapter.upstream_model
+        if name is not None:
+            names.add(name)
+    return sorted(names)
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -23,8 +23,8 @@ from gateway.cache import CachePolicy, ResultCache
 from gateway.coalesce import Coalescer, Produced
 from gateway.errors import UpstreamError, UpstreamRejected
 from gateway.metrics import Metrics, Trace
-from gateway.protocols import protocol_for
-from gateway.registry import AdapterSpec, KeySpec, Registry
+from gateway.protocols import Call, deterministic, protocol_for
+from gateway.registry import AdapterSpec, KeySpec, PoolSpec, Registry
 from gateway.schema import ImageGenerationBody, WorkerRequest
 
 log = logging.getLogger("gateway.pipeline")
@@ -88,8 +88,14 @@ class Pipeline:
         # draws with it, the cache files the image under it and X-Seed returns it.
         job = WorkerRequest.from_body(body, upstream_model=adapter.upstream_model)
         trace.seed = job.seed
+        pool = registry.pool_of(adapter)
         policy = self.cache.policy(cache_policy)
-        cache_key = self.cache.key(adapter, job)
+        if not (adapter.cache_nondeterministic or deterministic(adapter, pool)):
+            # Another draw of the same seed would differ: a stored image is not "the"
+            # image of these inputs. Neither read nor written, nor shared in flight.
+            policy = CachePolicy.BYPASS
+        variant = protocol_for(pool.protocol).variant(adapter, pool)
+        cache_key = self.cache.key(adapter, job, variant=variant)
         found = await self.cache.lookup(cache_key, policy)
         trace.cache = found.status
         if found.body is not None:
@@ -126,7 +132,7 @@ class Pipeline:
         # nothing of the client's headers (its Authorization least of all).
         headers = {**pool.spec.headers, **headers}
         try:
-            image, worker = await self._forward(pool, job, headers, trace, on_queued)
+            image, worker = await self._forward(pool, adapter, job, headers, trace, on_queued)
         except (UpstreamError, UpstreamRejected) as exc:
             exc.detail = f"adapter {adapter.name!r}: {exc.detail}"
             raise
@@ -136,33 +142,36 @@ class Pipeline:
     async def _forward(
         self,
         pool: Pool,
+        adapter: AdapterSpec,
         job: WorkerRequest,
         headers: Mapping[str, str],
         trace: Trace,
         on_queued: Callable[[], None] | None = None,
     ) -> tuple[bytes, Worker]:
         """Admit into the pool, pick a worker, send; retry elsewhere as the pool allows."""
-        protocol = protocol_for(pool.spec.protocol)
-        payload = job.model_dump_json().encode()
+        spec: PoolSpec = pool.spec
+        protocol = protocol_for(spec.protocol)
         with pool.attempt(adapter=job.model, on_queued=on_queued) as attempt:
             while True:
                 async with attempt.slot() as worker:
                     trace.queue_s += self.metrics.observe_queue_wait(pool.name, attempt.waited_s())
                     timeout = aiohttp.ClientTimeout(
-                        total=attempt.try_timeout_s(), sock_connect=pool.spec.connect_timeout_s
+                        total=attempt.try_timeout_s(), sock_connect=spec.connect_timeout_s
+                    )
+                    call = Call(
+                        session=self.session,
+                        base_url=worker.url,
+                        worker=worker.name,
+                        timeout=timeout,
+                        headers=headers,
+                        max_bytes=spec.max_response_bytes,
+                        job=job,
+                        adapter=adapter,
+                        pool=spec,
                     )
                     started = time.perf_counter()
                     try:
-                        image = await protocol.generate(
-                            self.session,
-                            worker.url,
-                            payload,
-                            worker=worker.name,
-                            timeout=timeout,
-                            headers=headers,
-                            response_format=job.response_format,
-                            max_bytes=pool.spec.max_response_bytes,
-                        )
+                        image = await protocol.generate(call)
                     except UpstreamError as exc:
                         trace.upstream_s += self.metrics.observe_try(
                             pool.name, worker.name, started, exc

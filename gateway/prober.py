@@ -1,8 +1,9 @@
 """The active half of health checking: probe the workers that are not known good.
 
 Every worker whose `WorkerHealth` needs a probe (see `gateway.health` for the states)
-is probed on its protocol's health path when its probe is due; the result goes back
-to its pool (`Pool.probed`), which updates the worker's health.
+is probed by its protocol (`WorkerProtocol.probe`, with the pool's credentials) when its
+probe is due; the result goes back to its pool (`Pool.probed`), which updates the
+worker's health: "ok" and "busy" (in service but full) are good probes, "down" not.
 """
 
 from __future__ import annotations
@@ -42,8 +43,11 @@ class Prober:
         spec = pool.spec.health
         timeout = aiohttp.ClientTimeout(total=spec.probe_timeout_s)
         protocol = protocol_for(pool.spec.protocol)
-        ok = await protocol.healthy(self.session, worker.url, timeout=timeout)
-        pool.probed(worker, ok)
+        said = await protocol.probe(
+            self.session, worker.url, timeout=timeout, headers=pool.spec.headers, pool=pool.spec
+        )
+        # "busy" is a worker in service that runs as much as it can: fit, just full.
+        pool.probed(worker, said != "down")
 
     async def run(self, *, tick_s: float = 0.5) -> None:
         """Forever: probe what is due, then sleep until the next probe (at most tick_s,

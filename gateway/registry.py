@@ -28,6 +28,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    JsonValue,
     ValidationError,
     ValidationInfo,
     model_validator,
@@ -193,8 +194,94 @@ class DiscoverSpec(_Frozen):
         )
 
 
+# The protocols a pool may speak (gateway.protocols.PROTOCOLS implements each one).
+ProtocolName = Literal["friendli-container", "openai-images", "a1111"]
+
+FieldName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+UrlPath = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^/[A-Za-z0-9._~/-]*$")]
+ImageSize = Annotated[str, Field(pattern=r"^[1-9][0-9]{0,4}x[1-9][0-9]{0,4}$")]
+OPENAI_FIELDS = ("prompt", "n", "response_format", "size", "model")  # the gateway's own
+
+
+class OpenAIImagesSettings(_Frozen):
+    """An `openai-images` pool: `POST /v1/images/generations` with `n: 1` and
+    `response_format: b64_json`. The diffusion inputs OpenAI's own API lacks go in
+    vendor fields; their names default to what vLLM-Omni and SGLang accept. Set one to
+    null for a server that rejects it (OpenAI itself takes none of the four)."""
+
+    size: ImageSize | None = "1024x1024"  # None: not sent (the server's default)
+    # The served model name of adapters without upstream_model; None: no `model` field.
+    model: Name | None = None
+    steps_field: FieldName | None = "num_inference_steps"
+    guidance_field: FieldName | None = "guidance_scale"
+    seed_field: FieldName | None = "seed"  # None: no seed sent, so not deterministic
+    # Asks for the client's format ("jpeg" / "png"); a server that ignores it answers
+    # PNG, re-encoded here when the client asked for JPEG.
+    format_field: FieldName | None = "output_format"
+    extra_fields: Mapping[FieldName, JsonValue] = Field(default_factory=dict)  # sent as given
+    path: UrlPath = "/v1/images/generations"
+    health_path: UrlPath = "/health"  # or /v1/models
+
+    @model_validator(mode="after")
+    def _fields_apart(self) -> OpenAIImagesSettings:
+        named = [self.steps_field, self.guidance_field, self.seed_field, self.format_field]
+        mine = [name for name in named if name is not None]
+        if len(set(mine)) != len(mine):
+            raise ValueError(f"two inputs sent in one field: {', '.join(mine)}")
+        taken = set(OPENAI_FIELDS) | set(mine)
+        if clash := sorted(taken & set(self.extra_fields)):
+            raise ValueError(f"extra_fields may not set {', '.join(clash)}: the gateway sets it")
+        return self
+
+
+A1111_FIELDS = (  # the gateway's own, in every txt2img request
+    "prompt",
+    "seed",
+    "steps",
+    "cfg_scale",
+    "width",
+    "height",
+    "sampler_name",
+    "scheduler",
+    "negative_prompt",
+    "batch_size",
+    "n_iter",
+    "send_images",
+    "save_images",
+)
+Side = Annotated[int, Field(ge=64, le=8192, multiple_of=8)]
+
+
+class A1111Settings(_Frozen):
+    """An `a1111` pool (AUTOMATIC1111, Forge, SD.Next): `POST /sdapi/v1/txt2img`, one
+    image, the adapter's LoRA as `<lora:NAME:WEIGHT>` at the end of the prompt."""
+
+    sampler_name: Annotated[str, Field(min_length=1, max_length=64)] = "Euler"  # the API's
+    scheduler: Annotated[str, Field(min_length=1, max_length=64)] | None = None  # None: its
+    width: Side = 512
+    height: Side = 512
+    lora_weight: Annotated[float, Field(ge=-10, le=10, allow_inf_nan=False)] = 1.0
+    negative_prompt: Annotated[str, Field(max_length=4000)] | None = None
+    # More txt2img fields, sent as given (e.g. override_settings: {CLIP_stop_at_last_layers: 2}).
+    extra_fields: Mapping[FieldName, JsonValue] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _fields_apart(self) -> A1111Settings:
+        if clash := sorted(set(A1111_FIELDS) & set(self.extra_fields)):
+            raise ValueError(f"extra_fields may not set {', '.join(clash)}: the gateway sets it")
+        return self
+
+
+# Each protocol's settings block on a pool: its key -> the protocol it is for. A block
+# set on a pool of another protocol is refused (_cross_check), with its line.
+SETTINGS_BLOCKS: Mapping[str, str] = {"openai": "openai-images", "a1111": "a1111"}
+
+# The protocols whose adapters may set `lora_weight`.
+LORA_WEIGHT_PROTOCOLS: frozenset[str] = frozenset({"a1111"})
+
+
 class PoolSpec(_Frozen):
-    protocol: Literal["friendli-container"] = "friendli-container"
+    protocol: ProtocolName = "friendli-container"
     workers: tuple[WorkerSpec, ...] = ()  # a static list, or...
     discover: DiscoverSpec | None = None  # ...workers from DNS; exactly one of the two
     # The overall deadline of one request in this pool: queue wait and every try.
@@ -230,6 +317,12 @@ class PoolSpec(_Frozen):
     # The pool's own credentials for its workers (`Authorization: "Bearer ${TOKEN}"`),
     # sent with every request to them; kept out of repr so no log line shows them.
     headers: Mapping[HeaderName, HeaderValue] = Field(default_factory=dict, repr=False)
+    # When the gateway re-encodes a worker's image for a client that asked for JPEG
+    # (the worker answered PNG, say), at this quality (Pillow's scale; 95 is its top).
+    jpeg_quality: Annotated[int, Field(ge=1, le=95)] = 90
+    # One settings block per protocol (SETTINGS_BLOCKS); only the pool's own may be given.
+    openai: OpenAIImagesSettings = OpenAIImagesSettings()
+    a1111: A1111Settings = A1111Settings()
 
 
 class AdapterSpec(_Frozen):
@@ -240,6 +333,15 @@ class AdapterSpec(_Frozen):
     default: bool = False
     ignore: tuple[Literal["guidance_scale"], ...] = ()  # inputs that never change the image
     revision: Annotated[str, Field(min_length=1, max_length=64)] = "1"
+    # The LoRA's strength, for protocols that take one (LORA_WEIGHT_PROTOCOLS); None:
+    # the pool's default.
+    lora_weight: Annotated[float, Field(ge=-10, le=10, allow_inf_nan=False)] | None = None
+    # Does its server draw the same image for the same seed? None: what the pool's
+    # protocol says (gateway.protocols.deterministic). Results of an adapter that is not
+    # deterministic are not cached (a cached image would not be "the" image of that
+    # seed), unless cache_nondeterministic says to cache them anyway.
+    deterministic: bool | None = None
+    cache_nondeterministic: bool = False
 
 
 Seconds = Annotated[float, Field(gt=0, le=3600)]
@@ -442,12 +544,20 @@ def _cross_check(registry: Registry) -> Iterator[tuple[Loc, str]]:
             if key in seen:
                 yield loc, f"{key!r} is already used by {seen[key]}"
             seen[key] = f"adapter {adapter.name!r}" if j == 0 else f"an alias of {adapter.name!r}"
+        yield from _check_adapter_for_pool(registry, i, adapter)
         if adapter.default:
             defaults.append(adapter.name)
             if len(defaults) > 1:
                 both = f"{defaults[0]!r} and {adapter.name!r}"
                 yield ("adapters", i, "default"), f"two default adapters: {both}"
     for name, pool in registry.pools.items():
+        for block, protocol in SETTINGS_BLOCKS.items():
+            # A block left at its defaults does nothing anywhere: a registry dumped and
+            # read again (every block written out) must load.
+            settings = getattr(pool, block)
+            if pool.protocol != protocol and settings != type(settings)():
+                msg = f"settings for {protocol}, but this pool speaks {pool.protocol}"
+                yield ("pools", name, block), msg
         if bool(pool.workers) == (pool.discover is not None):
             yield ("pools", name), "give either a 'workers' list or 'discover', not both or none"
         urls = [worker.url for worker in pool.workers]
@@ -456,6 +566,27 @@ def _cross_check(registry: Registry) -> Iterator[tuple[Loc, str]]:
                 yield ("pools", name, "workers", k, "url"), f"worker {url!r} is listed twice"
     if registry.auth is not None:
         yield from _check_auth(registry.auth, registry.model_names())
+
+
+def _check_adapter_for_pool(
+    registry: Registry, i: int, adapter: AdapterSpec
+) -> Iterator[tuple[Loc, str]]:
+    pool = registry.pools.get(adapter.pool)
+    if pool is None:
+        return
+    name = adapter.upstream_model
+    if pool.protocol == "a1111" and name is not None and ":" in name:
+        # <lora:NAME:WEIGHT> is split at colons: such a name would be read as NAME:te.
+        msg = f"pool {adapter.pool!r} speaks a1111, whose LoRA tags cannot hold a ':'"
+        yield ("adapters", i, "upstream_model"), msg
+    if adapter.lora_weight is None:
+        return
+    if pool.protocol not in LORA_WEIGHT_PROTOCOLS:
+        msg = f"pool {adapter.pool!r} speaks {pool.protocol}, which takes no LoRA weight"
+        yield ("adapters", i, "lora_weight"), msg
+    elif adapter.upstream_model is None:
+        msg = "a LoRA weight needs the LoRA's name: set upstream_model"
+        yield ("adapters", i, "lora_weight"), msg
 
 
 def _check_auth(auth: AuthSpec, adapters: list[str]) -> Iterator[tuple[Loc, str]]:

@@ -1,11 +1,22 @@
-"""A SIMULATED GPU worker speaking the Friendli Container image API.
+"""A SIMULATED GPU worker speaking the API of an image server: Friendli Container's
+(the default), or another server's (`--protocol`), with that server's real request and
+response shapes: it validates what it is sent as that server would and answers as it does.
 
 It runs no model: it draws a deterministic picture with Pillow from (prompt, seed,
-steps, guidance, adapter), so the same inputs give the same bytes, and it behaves
+steps, guidance, adapter, size), so the same inputs give the same bytes, and it behaves
 like a GPU where the gateway can see it: each generation takes `steps * step_ms`,
 at most `concurrency` run at once (the rest queue here), a LoRA adapter that is not
 loaded costs `adapter_load_ms` to load into a bounded LRU, and `fail_rate` of the
 requests fail with a 500. It is the test double for tests, the demo and benchmarks.
+
+    friendli-container  POST /v1/images/generations, the gateway's own schema
+    openai-images       POST /v1/images/generations as vLLM-Omni / SGLang take it
+                        (vendor fields num_inference_steps, guidance_scale, seed,
+                        output_format); `model` picks the adapter; GET /v1/models
+    a1111               POST /sdapi/v1/txt2img as AUTOMATIC1111 takes it; LoRAs from
+                        <lora:NAME:WEIGHT> in the prompt; PNG with its parameters in a
+                        text chunk, as A1111 writes them; GET /sdapi/v1/progress
+Every one also answers `GET /health` and `GET /stats` (the simulator's own counters).
 
 It imports nothing from the gateway but the schema, the contract both sides share.
 """
@@ -18,23 +29,27 @@ import hashlib
 import io
 import json
 import random
+import re
 import subprocess
 import sys
 import textwrap
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Annotated, Any, Literal
 
 import httpx
-from PIL import Image, ImageDraw, ImageFont
-from pydantic import ValidationError
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.schema import ImageGenerationBody, error_list
+from gateway.schema import MAX_SEED, ImageGenerationBody, error_list
+
+SIM_PROTOCOLS = ("friendli-container", "openai-images", "a1111")
 
 
 @dataclass(frozen=True)
@@ -45,8 +60,24 @@ class SimConfig:
     adapter_load_ms: float = 500.0
     max_loaded_adapters: int = 4
     fail_rate: float = 0.0
-    size: int = 512
+    size: int = 512  # the side of a square image, when the request gives no size
     rng_seed: int | None = None  # seeds the failure draws, for repeatable runs
+    protocol: str = "friendli-container"
+
+
+@dataclass(frozen=True)
+class Drawing:
+    """Everything that decides a simulated picture."""
+
+    prompt: str
+    steps: int
+    guidance: float
+    adapter: str | None
+    seed: int
+    width: int
+    height: int
+    image_format: Literal["JPEG", "PNG", "WEBP"] = "JPEG"
+    text: tuple[tuple[str, str], ...] = ()  # PNG text chunks (A1111's "parameters")
 
 
 @dataclass
@@ -57,9 +88,13 @@ class SimStats:
     in_flight: int = 0
     max_in_flight: int = 0
     requests_by_adapter: dict[str, int] = field(default_factory=dict)
+    probes: int = 0  # status-route reads (A1111's progress), for probe tests
 
 
 class SimWorker:
+    """The simulated GPU: queueing, adapter loads, timing and the pictures. The
+    protocol handlers below turn a server's request into a `Drawing` and back."""
+
     def __init__(self, config: SimConfig) -> None:
         self.config = config
         self.stats = SimStats()
@@ -68,37 +103,39 @@ class SimWorker:
         for name in (config.adapters or ())[: config.max_loaded_adapters]:
             self._loaded[name] = None
         self._rng = random.Random(config.rng_seed)
-        self._renders: OrderedDict[str, bytes] = OrderedDict()  # identical inputs, once
+        self._renders: OrderedDict[Drawing, bytes] = OrderedDict()  # identical inputs, once
 
-    async def generate(self, request: Request) -> Response:
-        try:
-            body = ImageGenerationBody.model_validate_json(await request.body())
-        except ValidationError as exc:
-            return JSONResponse({"detail": error_list(exc)}, 422)
-        adapter = body.model
+    def serves(self, adapter: str | None) -> bool:
         served = self.config.adapters
-        if adapter is not None and served is not None and adapter not in served:
-            return JSONResponse({"detail": f"adapter {adapter!r} is not served here"}, 400)
+        return adapter is None or served is None or adapter in served
+
+    def fails(self) -> bool:
+        """Whether this request is one of the `fail_rate` that fail."""
         if self._rng.random() < self.config.fail_rate:
             self.stats.failures += 1
-            return JSONResponse({"detail": "simulated worker failure"}, 500)
-        async with self._gpu:
-            return Response(await self._run(body), media_type="application/json")
+            return True
+        return False
 
-    async def _run(self, body: ImageGenerationBody) -> bytes:
-        stats = self.stats
-        stats.in_flight += 1
-        stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
-        try:
-            if body.model is not None:
-                await self._load(body.model)
-            await asyncio.sleep(body.num_inference_steps * self.config.step_ms / 1000)
-            stats.generations += 1
-            key = body.model or ""
-            stats.requests_by_adapter[key] = stats.requests_by_adapter.get(key, 0) + 1
-            return await self._render_cached(body)
-        finally:
-            stats.in_flight -= 1
+    async def draw(self, drawing: Drawing) -> bytes:
+        """The picture's bytes, after the time a GPU would take."""
+        async with self._gpu:
+            stats = self.stats
+            stats.in_flight += 1
+            stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
+            try:
+                if drawing.adapter is not None:
+                    await self._load(drawing.adapter)
+                await asyncio.sleep(drawing.steps * self.config.step_ms / 1000)
+                stats.generations += 1
+                key = drawing.adapter or ""
+                stats.requests_by_adapter[key] = stats.requests_by_adapter.get(key, 0) + 1
+                return await self._render_cached(drawing)
+            finally:
+                stats.in_flight -= 1
+
+    @property
+    def busy(self) -> bool:
+        return self.stats.in_flight > 0
 
     async def _load(self, adapter: str) -> None:
         if adapter in self._loaded:
@@ -110,51 +147,58 @@ class SimWorker:
         while len(self._loaded) > self.config.max_loaded_adapters:
             self._loaded.popitem(last=False)
 
-    async def _render_cached(self, body: ImageGenerationBody) -> bytes:
-        key = _digest(body)
-        if key in self._renders:
-            self._renders.move_to_end(key)
-            return self._renders[key]
+    async def _render_cached(self, drawing: Drawing) -> bytes:
+        if drawing in self._renders:
+            self._renders.move_to_end(drawing)
+            return self._renders[drawing]
         # Drawing takes milliseconds of CPU: off the loop, so /health stays quick.
-        image = await asyncio.to_thread(render, body, self.config.size)
-        data = b'{"image":"' + base64.b64encode(image) + b'"}'
-        self._renders[key] = data
+        image = await asyncio.to_thread(draw_picture, drawing)
+        self._renders[drawing] = image
         if len(self._renders) > 64:
             self._renders.popitem(last=False)
-        return data
+        return image
 
     def loaded_adapters(self) -> list[str]:
         return list(self._loaded)
 
 
-def _digest(body: ImageGenerationBody) -> str:
-    fields = body.model_dump(mode="json")
+def _digest(drawing: Drawing) -> str:
+    fields = asdict(drawing)
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 def render(body: ImageGenerationBody, size: int) -> bytes:
-    """A picture that is a pure function of the inputs: JPEG, or PNG for `raw`."""
-    rng = random.Random(_digest(body))
-    image = Image.new("RGB", (size, size), _color(rng))
+    """A Friendli Container request's picture: JPEG, or PNG for `raw`."""
+    return draw_picture(_friendli_drawing(body, size))
+
+
+def draw_picture(drawing: Drawing) -> bytes:
+    """A picture that is a pure function of `drawing`."""
+    rng = random.Random(_digest(drawing))
+    width, height = drawing.width, drawing.height
+    image = Image.new("RGB", (width, height), _color(rng))
     draw = ImageDraw.Draw(image)
-    for _ in range(3 + body.num_inference_steps // 5):
-        x0, y0 = rng.randrange(size), rng.randrange(size)
-        box = (x0, y0, x0 + rng.randrange(size // 2), y0 + rng.randrange(size // 2))
+    for _ in range(3 + drawing.steps // 5):
+        x0, y0 = rng.randrange(width), rng.randrange(height)
+        box = (x0, y0, x0 + rng.randrange(width // 2 + 1), y0 + rng.randrange(height // 2 + 1))
         (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=_color(rng))
     # Fewer steps leave more noise, as a diffusion model would; guidance sets contrast.
-    noise = Image.frombytes("L", (size, size), rng.randbytes(size * size)).convert("RGB")
-    image = Image.blend(image, noise, min(0.5, 1.5 / body.num_inference_steps))
-    caption = textwrap.fill(body.prompt[:200], width=40)
+    noise = Image.frombytes("L", (width, height), rng.randbytes(width * height)).convert("RGB")
+    image = Image.blend(image, noise, min(0.5, 1.5 / drawing.steps))
+    caption = textwrap.fill(drawing.prompt[:200], width=40)
     font = ImageFont.load_default()
     draw = ImageDraw.Draw(image)
     draw.multiline_text((8, 8), caption, fill=(255, 255, 255), font=font)
-    footer = f"SIMULATED  adapter={body.model or 'base'} seed={body.seed} cfg={body.guidance_scale}"
-    draw.text((8, size - 16), footer, fill=(255, 255, 255), font=font)
+    footer = (
+        f"SIMULATED  adapter={drawing.adapter or 'base'} seed={drawing.seed} cfg={drawing.guidance}"
+    )
+    draw.text((8, height - 16), footer, fill=(255, 255, 255), font=font)
     out = io.BytesIO()
-    if body.response_format == "raw":
-        image.save(out, format="PNG")
-    else:
-        image.save(out, format="JPEG", quality=90)
+    info = PngImagePlugin.PngInfo()
+    for key, value in drawing.text:
+        info.add_text(key, value)
+    # compress_level 1: a noisy 1024px PNG at Pillow's default 6 takes most of a second.
+    image.save(out, format=drawing.image_format, quality=90, compress_level=1, pnginfo=info)
     return out.getvalue()
 
 
@@ -162,7 +206,285 @@ def _color(rng: random.Random) -> tuple[int, int, int]:
     return (rng.randrange(256), rng.randrange(256), rng.randrange(256))
 
 
+def _b64(image: bytes) -> str:
+    return base64.b64encode(image).decode("ascii")
+
+
+# -- Friendli Container ------------------------------------------------------------------
+
+
+def _friendli_drawing(body: ImageGenerationBody, size: int) -> Drawing:
+    return Drawing(
+        prompt=body.prompt,
+        steps=body.num_inference_steps,
+        guidance=body.guidance_scale,
+        adapter=body.model,
+        seed=body.seed if body.seed is not None else 0,
+        width=size,
+        height=size,
+        image_format="PNG" if body.response_format == "raw" else "JPEG",
+    )
+
+
+def friendli_routes(worker: SimWorker) -> list[Route]:
+    async def generate(request: Request) -> Response:
+        try:
+            body = ImageGenerationBody.model_validate_json(await request.body())
+        except ValidationError as exc:
+            return JSONResponse({"detail": error_list(exc)}, 422)
+        if not worker.serves(body.model):
+            return JSONResponse({"detail": f"adapter {body.model!r} is not served here"}, 400)
+        if worker.fails():
+            return JSONResponse({"detail": "simulated worker failure"}, 500)
+        image = await worker.draw(_friendli_drawing(body, worker.config.size))
+        return Response(
+            b'{"image":"' + base64.b64encode(image) + b'"}', media_type="application/json"
+        )
+
+    return [Route("/v1/images/generations", generate, methods=["POST"])]
+
+
+# -- OpenAI Images, as vLLM-Omni and SGLang diffusion take it -----------------------------
+
+
+class OpenAIImageRequest(BaseModel):
+    """What vLLM-Omni's ImageGenerationRequest and SGLang's ImageGenerationsRequest both
+    take (docs/protocols.md cites them). Unknown fields are refused here, stricter than
+    either server, so a misspelt vendor field shows in a test rather than being ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: Annotated[str, Field(min_length=1)]
+    model: str | None = None
+    n: Annotated[int, Field(ge=1, le=10)] = 1
+    size: Annotated[str, Field(pattern=r"^[0-9]+x[0-9]+$")] | None = None
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    user: str | None = None
+    quality: str | None = None
+    style: str | None = None
+    background: str | None = None
+    negative_prompt: str | None = None
+    num_inference_steps: Annotated[int, Field(ge=1, le=200)] | None = None
+    guidance_scale: Annotated[float, Field(ge=0.0, le=20.0)] | None = None  # vLLM-Omni's bounds
+    true_cfg_scale: Annotated[float, Field(ge=0.0, le=20.0)] | None = None
+    seed: int | None = None  # None: a random seed (vLLM-Omni)
+    output_format: Literal["png", "jpeg", "webp"] | None = None  # SGLang; None: PNG
+    output_compression: Annotated[int, Field(ge=0, le=100)] | None = None
+
+
+_OPENAI_FORMATS: dict[str | None, Literal["JPEG", "PNG", "WEBP"]] = {
+    None: "PNG",
+    "png": "PNG",
+    "jpeg": "JPEG",
+    "webp": "WEBP",
+}
+
+
+def _openai_error(status: int, message: str, kind: str) -> Response:
+    # vLLM's ErrorResponse: {"error": {"message", "type", "param", "code"}}
+    error = {"message": message, "type": kind, "param": None, "code": status}
+    return JSONResponse({"error": error}, status)
+
+
+def openai_routes(worker: SimWorker) -> list[Route]:
+    config = worker.config
+
+    async def generate(request: Request) -> Response:
+        try:
+            req = OpenAIImageRequest.model_validate_json(await request.body())
+        except ValidationError as exc:
+            return JSONResponse({"detail": error_list(exc)}, 422)
+        if req.response_format == "url":
+            return JSONResponse({"detail": "response_format=url is not supported"}, 400)
+        if not worker.serves(req.model):
+            return _openai_error(404, f"The model `{req.model}` does not exist.", "NotFoundError")
+        if worker.fails():
+            return _openai_error(500, "simulated worker failure", "InternalServerError")
+        width, height = map(int, req.size.split("x")) if req.size else (config.size, config.size)
+        if not (8 <= width <= 4096 and 8 <= height <= 4096):
+            return JSONResponse({"detail": f"Invalid size: {req.size!r}"}, 400)
+        seed = req.seed if req.seed is not None else random.randrange(MAX_SEED + 1)
+        first = Drawing(
+            prompt=req.prompt,
+            steps=req.num_inference_steps or 20,
+            guidance=req.guidance_scale if req.guidance_scale is not None else 4.0,
+            adapter=req.model,
+            seed=seed,
+            width=width,
+            height=height,
+            image_format=_OPENAI_FORMATS[req.output_format],
+        )
+        images = [await worker.draw(replace(first, seed=seed + i)) for i in range(req.n)]
+        data = [{"b64_json": _b64(image), "url": None, "revised_prompt": None} for image in images]
+        return JSONResponse({"created": int(time.time()), "data": data})
+
+    async def models(request: Request) -> Response:
+        names = list(config.adapters or ("sim-base",))
+        cards = [{"id": name, "object": "model", "owned_by": "sim"} for name in names]
+        return JSONResponse({"object": "list", "data": cards})
+
+    return [
+        Route("/v1/images/generations", generate, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+    ]
+
+
+# -- AUTOMATIC1111 (also Forge, SD.Next) --------------------------------------------------
+
+
+class A1111Txt2Img(BaseModel):
+    """The txt2img fields of A1111's StableDiffusionTxt2ImgProcessingAPI that clients
+    use, with its defaults (modules/api/models.py builds the model from the processing
+    class; pydantic ignores fields it does not know, and so does this)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    styles: list[str] | None = None
+    seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    sampler_name: str | None = None
+    sampler_index: str = "Euler"
+    scheduler: str | None = None
+    batch_size: Annotated[int, Field(ge=1, le=8)] = 1
+    n_iter: Annotated[int, Field(ge=1, le=8)] = 1
+    steps: Annotated[int, Field(ge=1, le=150)] = 50
+    cfg_scale: float = 7.0
+    width: Annotated[int, Field(ge=64, le=4096)] = 512
+    height: Annotated[int, Field(ge=64, le=4096)] = 512
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    enable_hr: bool = False
+    override_settings: dict[str, Any] | None = None
+    override_settings_restore_afterwards: bool = True
+    send_images: bool = True
+    save_images: bool = False
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+
+
+A1111_SAMPLERS = ("Euler", "Euler a", "DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DDIM", "UniPC")
+A1111_VERSION = "v1.10.1"
+_EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")  # A1111's modules/extra_networks.py
+
+
+def _a1111_error(status: int, error: str, detail: str, errors: str) -> Response:
+    # modules/api/api.py, api_middleware's handle_exception
+    return JSONResponse({"error": error, "detail": detail, "body": "", "errors": errors}, status)
+
+
+def _loras(prompt: str) -> tuple[str, list[tuple[str, str]]]:
+    """The prompt without its extra-network tags, and its LoRAs (name, weight)."""
+    found: list[tuple[str, str]] = []
+
+    def take(match: re.Match[str]) -> str:
+        kind, args = match.group(1), match.group(2).split(":")
+        if kind == "lora":
+            found.append((args[0], args[1] if len(args) > 1 else "1"))
+        return ""
+
+    return _EXTRA_NETWORK.sub(take, prompt), found
+
+
+def a1111_routes(worker: SimWorker) -> list[Route]:
+    async def txt2img(request: Request) -> Response:
+        try:
+            req = A1111Txt2Img.model_validate_json(await request.body())
+        except ValidationError as exc:
+            return JSONResponse({"detail": error_list(exc)}, 422)  # FastAPI's own handler
+        sampler = req.sampler_name or req.sampler_index
+        if sampler not in A1111_SAMPLERS:
+            return _a1111_error(400, "HTTPException", "Sampler not found", "400: Sampler not found")
+        if worker.fails():
+            memory = "CUDA out of memory. Tried to allocate 20.00 MiB (simulated)"
+            return _a1111_error(500, "OutOfMemoryError", "", memory)
+        prompt, loras = _loras(req.prompt)
+        # A LoRA the server does not have is skipped ("couldn't find Lora with name").
+        served = [(name, weight) for name, weight in loras if worker.serves(name)]
+        adapter = ",".join(f"{name}:{weight}" for name, weight in served) or None
+        seed = req.seed if req.seed != -1 else random.randrange(4294967294)
+        images, infotexts = [], []
+        for i in range(req.batch_size * req.n_iter):
+            infotext = (
+                f"{req.prompt}\nSteps: {req.steps}, Sampler: {sampler}, CFG scale: "
+                f"{req.cfg_scale}, Seed: {seed + i}, Size: {req.width}x{req.height}, "
+                f"Model hash: 31e35c80fc, Model: sd_xl_base_1.0, Version: {A1111_VERSION}"
+            )
+            drawing = Drawing(
+                prompt=prompt.strip(),
+                steps=req.steps,
+                guidance=req.cfg_scale,
+                adapter=adapter,
+                seed=seed + i,
+                width=req.width,
+                height=req.height,
+                image_format="PNG",
+                text=(("parameters", infotext),),
+            )
+            images.append(_b64(await worker.draw(drawing)) if req.send_images else None)
+            infotexts.append(infotext)
+        info = {
+            "prompt": req.prompt,
+            "all_prompts": [req.prompt] * len(infotexts),
+            "seed": seed,
+            "all_seeds": [seed + i for i in range(len(infotexts))],
+            "width": req.width,
+            "height": req.height,
+            "sampler_name": sampler,
+            "cfg_scale": req.cfg_scale,
+            "steps": req.steps,
+            "infotexts": infotexts,
+            "version": A1111_VERSION,
+        }
+        return JSONResponse(
+            {
+                "images": [image for image in images if image is not None],
+                "parameters": req.model_dump(),
+                "info": json.dumps(info),
+            }
+        )
+
+    async def progress(request: Request) -> Response:
+        worker.stats.probes += 1
+        state = {
+            "skipped": False,
+            "interrupted": False,
+            "stopping_generation": False,
+            "job": "scripts_txt2img" if worker.busy else "",
+            "job_count": worker.stats.in_flight,
+            "job_timestamp": "0",
+            "job_no": 0,
+            "sampling_step": 0,
+            "sampling_steps": 0,
+        }
+        return JSONResponse(
+            {
+                "progress": 0.0,
+                "eta_relative": 0.0,
+                "state": state,
+                "current_image": None,
+                "textinfo": None,
+                "current_task": None,
+            }
+        )
+
+    return [
+        Route("/sdapi/v1/txt2img", txt2img, methods=["POST"]),
+        Route("/sdapi/v1/progress", progress, methods=["GET"]),
+    ]
+
+
+ROUTES: dict[str, Callable[[SimWorker], list[Route]]] = {
+    "friendli-container": friendli_routes,
+    "openai-images": openai_routes,
+    "a1111": a1111_routes,
+}
+
+
 def create_sim_app(config: SimConfig) -> Starlette:
+    if config.protocol not in ROUTES:
+        raise ValueError(f"no simulator for protocol {config.protocol!r}: {', '.join(ROUTES)}")
     worker = SimWorker(config)
 
     async def health(request: Request) -> Response:
@@ -174,7 +496,7 @@ def create_sim_app(config: SimConfig) -> Starlette:
 
     app = Starlette(
         routes=[
-            Route("/v1/images/generations", worker.generate, methods=["POST"]),
+            *ROUTES[config.protocol](worker),
             Route("/health", health, methods=["GET"]),
             Route("/stats", stats, methods=["GET"]),
         ]

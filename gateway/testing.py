@@ -220,7 +220,8 @@ class FakeWorker:
     """A worker on 127.0.0.1 whose every answer the test writes (`answer`, which the
     test may replace at any time). It keeps, in order, each request's JSON body
     (`received`) and headers (`headers`), and counts health probes (`probes`).
-    `GET /health` answers 200 while `healthy` is true, 503 otherwise."""
+    `GET /health` answers 200 while `healthy` is true, 503 otherwise; each probe's
+    headers are kept (`probe_headers`)."""
 
     answer: Handler = field(default_factory=Answer)
     healthy: bool = True
@@ -228,6 +229,7 @@ class FakeWorker:
     received: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
     probes: int = 0
+    probe_headers: list[dict[str, str]] = field(default_factory=list)
     _runner: web.AppRunner | None = field(default=None, repr=False)
 
     @property
@@ -253,19 +255,25 @@ class FakeWorker:
 
     async def _health(self, request: web.Request) -> web.StreamResponse:
         self.probes += 1
+        self.probe_headers.append(dict(request.headers))
         return web.json_response({"status": "ok"}, status=200 if self.healthy else 503)
 
 
 @asynccontextmanager
 async def fake_worker(
-    answer: Handler | None = None, *, healthy: bool = True
+    answer: Handler | None = None,
+    *,
+    healthy: bool = True,
+    path: str = GENERATIONS_PATH,
+    health_path: str = "/health",
 ) -> AsyncIterator[FakeWorker]:
     """A `FakeWorker` serving until the block ends; `answer` by default a valid image
-    of the format asked."""
+    of the format asked. `path` and `health_path`: where it takes generations and
+    probes (another protocol's, e.g. /sdapi/v1/txt2img and /sdapi/v1/progress)."""
     worker = FakeWorker(answer or Answer(), healthy=healthy)
     app = web.Application()
-    app.router.add_post(GENERATIONS_PATH, worker._generate)
-    app.router.add_get("/health", worker._health)
+    app.router.add_post(path, worker._generate)
+    app.router.add_get(health_path, worker._health)
     # A request whose connection is gone (the client left, or kill()) stops being
     # answered, so that a held or slow answer never outlives its test.
     runner = worker._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)

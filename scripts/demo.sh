@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The gateway's main job on loopback: 3 simulated GPU workers + the gateway, no Redis.
+# The gateway's main job on loopback: 5 simulated GPU workers (one pool per worker
+# protocol: friendli-container, openai-images, a1111) + the gateway, no Redis.
 # Installs into .venv first. Extra arguments go to `gateway demo` (e.g. --port 0).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 import subprocess
 import sys
@@ -127,16 +128,26 @@ def test_demo_serves_images_and_stops_its_workers() -> None:
                 url = match.group(1)
                 break
         assert url, "demo never printed its URL"
-        resp = httpx.post(url + "/v1/images/generations", json=body(model="pixel-art"), timeout=30)
-        assert resp.status_code == 200
-        assert resp.headers["x-adapter"] == "pixel-art"
+        for line in proc.stdout:  # the banner's curls, one per pool, up to the first blank
+            printed += line
+            if not line.strip() and "curl" in printed:
+                break
         worker_urls = re.findall(r"^    (http://127\.0\.0\.1:\d+)", printed, re.M)
+        pools = re.findall(r"^  # pool (\S+) \((\S+)\)$", printed, re.M)
+        bodies = re.findall(r"^    -d '(\{.*\})' \|", printed, re.M)
+        protocols = {"friendli-container", "openai-images", "a1111"}
+        assert {protocol for _, protocol in pools} == protocols
+        assert len(bodies) == len(pools) == 4
+        for payload in bodies:  # each curl of the banner, as it is printed
+            resp = httpx.post(url + "/v1/images/generations", content=payload, timeout=30)
+            assert resp.status_code == 200, resp.text
+            assert resp.headers["x-adapter"] == json.loads(payload)["model"]
     finally:
         proc.terminate()
         code = proc.wait(15)
         proc.stdout.close()
     assert code == 0
-    assert len(set(worker_urls)) == 3
+    assert len(set(worker_urls)) == 5
     for worker_url in worker_urls:  # the demo's children are gone with it
         with pytest.raises(httpx.ConnectError):
             httpx.get(worker_url + "/health")

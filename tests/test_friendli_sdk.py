@@ -32,8 +32,19 @@ from friendli.utils import BackoffStrategy, RetryConfig
 from PIL import Image
 
 from gateway.registry import Registry
-from gateway.testing import FakeWorker, fake_worker, held, released_at_exit, served_gateway
-from tests.support import api_key, eventually, make_registry
+from gateway.testing import (
+    FakeWorker,
+    fake_worker,
+    held,
+    released_at_exit,
+    served_gateway,
+)
+from tests.support import (
+    api_key,
+    eventually,
+    make_registry,
+    sim_workers,
+)
 
 TOKEN = "gw_sdk-client-key"
 ADAPTERS: list[dict[str, Any]] = [
@@ -207,6 +218,34 @@ async def test_an_sdk_generation_through_the_gateway(
     assert_worker_got_what_the_sdk_sent(
         worker, seen.sent_body(), model=upstream, fmt=fmt, seed=seed
     )
+
+
+@pytest.mark.parametrize(
+    ("protocol", "settings"),
+    [
+        ("openai-images", {"openai": {"size": "64x64"}}),
+        ("a1111", {"a1111": {"width": 64, "height": 64}}),
+    ],
+)
+async def test_the_sdk_gets_jpeg_and_png_from_pools_of_every_protocol(
+    protocol: str, settings: dict[str, Any]
+) -> None:
+    """The same SDK call, whatever the pool's workers speak (here their simulators, with
+    the real servers' shapes): the image comes back in the format asked for."""
+    with sim_workers(["--protocol", protocol, "--step-ms", "0"]) as (sim,):
+        registry = make_registry(
+            {"p": [{"url": sim.url, "max_concurrency": 1}]},
+            [{"name": "base", "pool": "p", "default": True}],
+            sections={"auth": {"keys": [api_key("sdk-client", TOKEN)]}},
+            protocol=protocol,
+            **settings,
+        )
+        async with served_gateway(registry) as url, sdk_calls("async", url) as (generate, seen):
+            for fmt in ("jpeg", "raw"):
+                image = await generate(prompt="a red fox", response_format=fmt, seed=3)
+                picture = Image.open(io.BytesIO(image))
+                assert (picture.format, picture.size) == (PIL_FORMAT[fmt], (64, 64))
+                assert seen.last_headers()["x-seed"] == "3"
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])

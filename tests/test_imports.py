@@ -45,8 +45,11 @@ LAYERS: dict[str, int] = {
     "gateway.answers": 3,
     "gateway.protocols.client_errors": 3,
     "gateway.simworker": 3,
-    # 4: what each concern needs at run time, on the registry and the metrics
-    "gateway.protocols.friendli_container": 4,
+    # 4: what each concern needs at run time, on the registry and the metrics; the
+    # protocols' shared parts (a try's inputs, the HTTP exchange, images)
+    "gateway.protocols.call": 4,
+    "gateway.protocols.http": 4,
+    "gateway.protocols.imaging": 4,
     "gateway.health": 4,
     "gateway.auth": 4,
     "gateway.cache": 4,
@@ -57,22 +60,26 @@ LAYERS: dict[str, int] = {
     "gateway.middleware": 4,
     "gateway.server": 4,  # the HTTP server's protocol class, bounded by the registry's limits
     "gateway.settings": 4,  # the environment, read once; applied over a registry
-    # 5: the protocols; the balancer (on the health state); coalescing (on the cache)
-    "gateway.protocols": 5,
+    # 5: each protocol; the balancer (on the health state); coalescing (on the cache)
+    "gateway.protocols.friendli_container": 5,
+    "gateway.protocols.openai_images": 5,
+    "gateway.protocols.a1111": 5,
     "gateway.balancer": 5,
     "gateway.coalesce": 5,
-    # 6: what drives the balancer: the request pipeline, probes, DNS discovery
-    "gateway.pipeline": 6,
-    "gateway.prober": 6,
+    # 6: the table of protocols; DNS discovery (drives the balancer)
+    "gateway.protocols": 6,
     "gateway.discovery": 6,
-    # 7: the app's typed state; 8: the HTTP surface; 9: the app assembled in its
-    # lifespan; 10: the public testing kit, on the app; 11-12: the command line
-    "gateway.state": 7,
-    "gateway.routes": 8,
-    "gateway.app": 9,
-    "gateway.testing": 10,  # fake workers, the gateway in memory or served in process
-    "gateway.cli": 11,
-    "gateway.__main__": 12,
+    # 7: what drives a pool through a protocol: the request pipeline, probes
+    "gateway.pipeline": 7,
+    "gateway.prober": 7,
+    # 8: the app's typed state; 9: the HTTP surface; 10: the app assembled in its
+    # lifespan; 11: the public testing kit, on the app; 12-13: the command line
+    "gateway.state": 8,
+    "gateway.routes": 9,
+    "gateway.app": 10,
+    "gateway.testing": 11,  # fake workers, the gateway in memory or served in process
+    "gateway.cli": 12,
+    "gateway.__main__": 13,
 }
 
 

@@ -93,3 +93,96 @@ async def test_fail_rate_one_always_fails() -> None:
     assert json.loads(resp.content) == {"detail": "simulated worker failure"}
     assert health.status_code == 200
     assert stats["failures"] == 1
+
+
+# -- openai-images: vLLM-Omni's / SGLang's request and answer ---------------------------
+
+
+async def openai_generate(client: httpx.AsyncClient, **fields: object) -> httpx.Response:
+    return await client.post("/v1/images/generations", json={"prompt": "a red fox", **fields})
+
+
+async def test_openai_answers_the_servers_shape_png_unless_asked() -> None:
+    async with sim(step_ms=0, protocol="openai-images", size=32) as client:
+        plain = await openai_generate(client, seed=1, size="40x24")
+        jpeg = await openai_generate(client, seed=1, size="40x24", output_format="jpeg")
+        two = await openai_generate(client, seed=1, n=2)
+        models = await client.get("/v1/models")
+    answer = plain.json()
+    assert set(answer) == {"created", "data"}
+    assert set(answer["data"][0]) == {"b64_json", "url", "revised_prompt"}
+    for resp, fmt in ((plain, "PNG"), (jpeg, "JPEG")):
+        image = Image.open(io.BytesIO(base64.b64decode(resp.json()["data"][0]["b64_json"])))
+        assert (image.format, image.size) == (fmt, (40, 24))
+    images = [item["b64_json"] for item in two.json()["data"]]
+    assert len(set(images)) == 2
+    assert models.json()["object"] == "list"
+
+
+async def test_openai_refuses_what_the_servers_refuse() -> None:
+    async with sim(step_ms=0, protocol="openai-images", adapters=("m",), size=32) as client:
+        unknown_field = await openai_generate(client, steps=4)
+        too_much_guidance = await openai_generate(client, guidance_scale=25.0)
+        url = await openai_generate(client, response_format="url")
+        unknown_model = await openai_generate(client, model="other")
+        no_prompt = await client.post("/v1/images/generations", json={"n": 1})
+    assert [r.status_code for r in (unknown_field, too_much_guidance, url)] == [422, 422, 400]
+    assert unknown_field.json()["detail"][0]["loc"] == ["body", "steps"]
+    assert unknown_model.status_code == 404
+    assert unknown_model.json()["error"]["message"] == "The model `other` does not exist."
+    assert no_prompt.status_code == 422
+
+
+async def test_openai_without_a_seed_draws_a_random_one() -> None:
+    async with sim(step_ms=0, protocol="openai-images", size=32) as client:
+        images = {(await openai_generate(client)).json()["data"][0]["b64_json"] for _ in range(3)}
+        seeded = {
+            (await openai_generate(client, seed=9)).json()["data"][0]["b64_json"] for _ in range(3)
+        }
+    assert len(images) == 3
+    assert len(seeded) == 1
+
+
+# -- a1111: AUTOMATIC1111's txt2img ------------------------------------------------------
+
+
+async def test_a1111_answers_its_shape_png_with_its_parameters() -> None:
+    async with sim(step_ms=0, protocol="a1111", adapters=("pixel-art",)) as client:
+        resp = await client.post(
+            "/sdapi/v1/txt2img",
+            json={"prompt": "a fox <lora:pixel-art:0.8>", "seed": 3, "width": 64, "height": 72},
+        )
+        unknown = await client.post(
+            "/sdapi/v1/txt2img", json={"prompt": "a fox <lora:nope:1>", "seed": 3}
+        )
+        stats = (await client.get("/stats")).json()
+        progress = await client.get("/sdapi/v1/progress?skip_current_image=true")
+    answer = resp.json()
+    assert list(answer) == ["images", "parameters", "info"]
+    assert json.loads(answer["info"])["seed"] == 3
+    image = Image.open(io.BytesIO(base64.b64decode(answer["images"][0])))
+    assert (image.format, image.size) == ("PNG", (64, 72))
+    assert "Seed: 3" in image.info["parameters"]
+    assert unknown.status_code == 200  # A1111 skips a LoRA it cannot find
+    assert stats["requests_by_adapter"] == {"pixel-art:0.8": 1, "": 1}
+    assert progress.json()["state"]["job_count"] == 0
+
+
+async def test_a1111_refuses_what_a1111_refuses() -> None:
+    async with sim(step_ms=0, protocol="a1111") as client:
+        sampler = await client.post("/sdapi/v1/txt2img", json={"prompt": "x", "sampler_name": "Z"})
+        steps = await client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": "many"})
+        random_seed = [
+            (await client.post("/sdapi/v1/txt2img", json={"prompt": "x", "seed": -1})).json()
+            for _ in range(2)
+        ]
+    assert sampler.status_code == 400
+    assert sampler.json() == {
+        "error": "HTTPException",
+        "detail": "Sampler not found",
+        "body": "",
+        "errors": "400: Sampler not found",
+    }
+    assert steps.status_code == 422
+    seeds = [json.loads(answer["info"])["seed"] for answer in random_seed]
+    assert seeds[0] != seeds[1]
