@@ -21,7 +21,14 @@ from gateway.cli import routing_table
 from gateway.errors import ConfigError, UpstreamError, UpstreamRejected
 from gateway.protocols import PROTOCOLS, deterministic, protocol_for
 from gateway.protocols.http import Answer, error_message, refusal
-from gateway.protocols.imaging import MAX_PIXELS, b64_image_response, image_response, sniff
+from gateway.protocols.imaging import (
+    MAX_PIXELS,
+    b64_image_response,
+    bytes_to_answer,
+    image_response,
+    sniff,
+    to_answer,
+)
 from gateway.registry import AdapterSpec, PoolSpec, ProtocolName, parse_registry
 from gateway.schema import WorkerRequest
 from gateway.testing import (
@@ -318,3 +325,16 @@ def test_a_registry_written_out_whole_loads_again() -> None:
     registry = parse_registry(Path("adapters.yaml").read_text())
     again = parse_registry(yaml.safe_dump(registry.model_dump(mode="json", exclude={"digest"})))
     assert again.pools == registry.pools
+
+
+async def test_the_async_helpers_pass_through_or_re_encode() -> None:
+    jpeg, png = image_bytes("jpeg", side=16), image_bytes("raw", side=16)
+    same = await bytes_to_answer(jpeg, "jpeg", jpeg_quality=90, worker="w")
+    other = await bytes_to_answer(jpeg, "raw", jpeg_quality=90, worker="w")
+    assert _decoded(same) == jpeg
+    assert sniff(_decoded(other)) == "PNG"
+    assert await to_answer(base64.b64encode(png), "raw", jpeg_quality=90, worker="w") == (
+        b'{"image":"' + base64.b64encode(png) + b'"}'
+    )
+    encoded = await to_answer(base64.b64encode(png), "jpeg", jpeg_quality=90, worker="w")
+    assert sniff(_decoded(encoded)) == "JPEG"
