@@ -40,7 +40,9 @@ from gateway.server import (
     raise_fd_limit,
 )
 from gateway.settings import Settings
-from gateway.simworker import SimConfig, create_sim_app, spawn, stop, wait_healthy
+from gateway.simservers import HEALTH_PATHS as SIM_HEALTH_PATHS  # h-proto2
+from gateway.simservers import create_app as create_protocol_sim_app  # h-proto2
+from gateway.simworker import SimConfig, spawn, stop, wait_healthy
 
 log = logging.getLogger("gateway.server")  # where the server layer logs its limits
 
@@ -134,6 +136,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fail-rate", type=float, default=0.0, help="share answered with 500")
     p.add_argument("--size", type=int, default=512, help="image width and height")
     p.add_argument("--seed", type=int, default=None, help="seeds the failure draws")
+    # -- comfyui and cog (h-proto2) --
+    p.add_argument(
+        "--protocol",
+        default="friendli-container",
+        choices=["friendli-container", "comfyui", "cog"],
+        help="the server API it speaks (its routes and shapes)",
+    )
+    # -- end comfyui and cog --
     p.set_defaults(run=sim_worker)
 
     p = sub.add_parser("generate", help="ask a gateway for one image and write it")
@@ -354,7 +364,7 @@ def sim_worker(args: argparse.Namespace) -> int:
         size=args.size,
         rng_seed=args.seed,
     )
-    app = create_sim_app(config)
+    app = create_protocol_sim_app(args.protocol, config)  # h-proto2
     uvicorn.Server(_fast(app, host=args.host, port=args.port, log_level="warning")).run()
     return 0
 
@@ -432,8 +442,13 @@ def _start_sim_workers(
                 options = ["--step-ms", str(step_ms), "--concurrency", slots]
                 if served:
                     options += ["--adapters", ",".join(map(str, served))]
+                # -- comfyui and cog (h-proto2) --
+                protocol = registry.pools[name].protocol
+                options += ["--protocol", protocol]
+                health = SIM_HEALTH_PATHS.get(protocol, "/health")
+                # -- end comfyui and cog --
                 procs.append(spawn(port, *options))
-                wait_healthy(worker["url"], proc=procs[-1])
+                wait_healthy(worker["url"], proc=procs[-1], path=health)
     except BaseException:
         for proc in procs:
             stop(proc)
@@ -460,9 +475,40 @@ def _curl_example(url: str, registry: Registry) -> str:
     return (
         f"try it:\n  curl -s {url}/v1/images/generations -H 'Content-Type: application/json' \\\n"
         f"    -d '{body}' | {decode} > fox.jpg\n"
-        f"or:\n  gateway generate 'a red fox in the snow' --model {model} --seed 7 "
+        + _protocol_curls(url, registry, decode)  # h-proto2
+        + f"or:\n  gateway generate 'a red fox in the snow' --model {model} --seed 7 "
         f"--out fox.jpg --url {url}\nCtrl-C stops the gateway and its workers."
     )
+
+
+# -- comfyui and cog (h-proto2) --
+def _protocol_curls(url: str, registry: Registry, decode: str) -> str:
+    """One curl line for an adapter of each comfyui and cog pool."""
+    lines = []
+    for protocol in ("comfyui", "cog"):
+        adapter = next(
+            (a for a in registry.adapters if registry.pool_of(a).protocol == protocol), None
+        )
+        if adapter is None:
+            continue
+        body = json.dumps(
+            {
+                "prompt": "a red fox in the snow",
+                "num_inference_steps": 20,
+                "guidance_scale": 7.5,
+                "model": adapter.name,
+                "seed": 7,
+            }
+        )
+        lines.append(
+            f"through {protocol} (pool {adapter.pool}):\n  curl -s {url}/v1/images/generations "
+            f"-H 'Content-Type: application/json' \\\n    -d '{body}' | {decode} "
+            f"> fox-{protocol}.jpg\n"
+        )
+    return "".join(lines)
+
+
+# -- end comfyui and cog --
 
 
 def _listen(host: str, port: int) -> socket.socket:

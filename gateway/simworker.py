@@ -23,6 +23,7 @@ import sys
 import textwrap
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +87,11 @@ class SimWorker:
             return Response(await self._run(body), media_type="application/json")
 
     async def _run(self, body: ImageGenerationBody) -> bytes:
+        return b'{"image":"' + base64.b64encode(await self.draw(body)) + b'"}'
+
+    async def draw(self, body: ImageGenerationBody) -> bytes:
+        """One generation's image bytes, taking the time a GPU would (the caller holds
+        a slot, `gpu`). The other protocols' faces (gateway.simservers) call it too."""
         stats = self.stats
         stats.in_flight += 1
         stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
@@ -99,6 +105,17 @@ class SimWorker:
             return await self._render_cached(body)
         finally:
             stats.in_flight -= 1
+
+    @property
+    def gpu(self) -> asyncio.Semaphore:
+        return self._gpu
+
+    def fails(self) -> bool:
+        """Does this generation fail (`fail_rate`)? Counted when it does."""
+        if self._rng.random() < self.config.fail_rate:
+            self.stats.failures += 1
+            return True
+        return False
 
     async def _load(self, adapter: str) -> None:
         if adapter in self._loaded:
@@ -117,11 +134,10 @@ class SimWorker:
             return self._renders[key]
         # Drawing takes milliseconds of CPU: off the loop, so /health stays quick.
         image = await asyncio.to_thread(render, body, self.config.size)
-        data = b'{"image":"' + base64.b64encode(image) + b'"}'
-        self._renders[key] = data
+        self._renders[key] = image
         if len(self._renders) > 64:
             self._renders.popitem(last=False)
-        return data
+        return image
 
     def loaded_adapters(self) -> list[str]:
         return list(self._loaded)
@@ -162,7 +178,9 @@ def _color(rng: random.Random) -> tuple[int, int, int]:
     return (rng.randrange(256), rng.randrange(256), rng.randrange(256))
 
 
-def create_sim_app(config: SimConfig) -> Starlette:
+def create_sim_app(
+    config: SimConfig, *, face: Callable[[SimWorker], list[Route]] | None = None
+) -> Starlette:
     worker = SimWorker(config)
 
     async def health(request: Request) -> Response:
@@ -172,13 +190,13 @@ def create_sim_app(config: SimConfig) -> Starlette:
         data: dict[str, Any] = {**vars(worker.stats), "loaded": worker.loaded_adapters()}
         return JSONResponse(data)
 
-    app = Starlette(
-        routes=[
-            Route("/v1/images/generations", worker.generate, methods=["POST"]),
-            Route("/health", health, methods=["GET"]),
-            Route("/stats", stats, methods=["GET"]),
-        ]
-    )
+    routes = [
+        Route("/v1/images/generations", worker.generate, methods=["POST"]),
+        Route("/health", health, methods=["GET"]),
+    ]
+    if face is not None:  # another server's API (gateway.simservers)
+        routes = face(worker)
+    app = Starlette(routes=[*routes, Route("/stats", stats, methods=["GET"])])
     app.state.worker = worker
     return app
 

@@ -54,6 +54,8 @@ from typing import Protocol
 import aiohttp
 
 from gateway.protocols.call import Call, Probe
+from gateway.protocols.cog import Cog  # h-proto2
+from gateway.protocols.comfyui import ComfyUI  # h-proto2
 from gateway.protocols.friendli_container import FriendliContainer
 from gateway.registry import AdapterSpec, PoolSpec
 
@@ -92,7 +94,13 @@ class WorkerProtocol(Protocol):
     def variant(self, adapter: AdapterSpec, pool: PoolSpec) -> str | None: ...
 
 
-_ALL: tuple[WorkerProtocol, ...] = (FriendliContainer(),)
+_ALL: tuple[WorkerProtocol, ...] = (
+    FriendliContainer(),
+    # -- comfyui and cog (h-proto2) --
+    ComfyUI(),
+    Cog(),
+    # -- end comfyui and cog --
+)
 PROTOCOLS: Mapping[str, WorkerProtocol] = {protocol.name: protocol for protocol in _ALL}
 
 
