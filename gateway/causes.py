@@ -66,6 +66,16 @@ class Cause(enum.Enum):
     HTTP_5XX = _Facts("http_5xx", A, "failed", 502, "HTTP 5xx", "5xx")
     BAD_ANSWER = _Facts("bad_answer", A, "failed", 502, "answered without an image", "bad_answer")
     TOO_LARGE = _Facts("too_large", A, "failed", 502, "answered too much", "bad_answer")
+    # -- comfyui and cog --
+    # Cog's 409: every prediction slot in use; it ran nothing.
+    BUSY = _Facts("busy", R, "busy", 502, "busy (all its slots in use)")
+    # ComfyUI's 400 on a workflow it cannot run for reasons not the client's (a LoRA or
+    # checkpoint file this worker lacks, a node it does not have): another may have it.
+    WORKFLOW_REJECTED = _Facts("workflow_rejected", R, "failed", 502, "refused the workflow")
+    # The worker ran the job and says it failed (Cog's status "failed", ComfyUI's
+    # execution error): retried as a 5xx is.
+    JOB_FAILED = _Facts("job_failed", A, "failed", 502, "the job failed", "5xx")
+
     REJECTED = _Facts("rejected", F, "answered", 0, "rejected the request")
     NO_WORKER = _Facts("no_worker", F, "none", 502, "no healthy worker")
     DEADLINE = _Facts("deadline", F, "none", 504, "no worker in time")

@@ -33,14 +33,9 @@ from gateway.protocols.openai_images import served_model
 from gateway.registry import CacheSpec, Registry, load_registry, redacted
 from gateway.server import SERVED_PROTOCOL, ServerLimits, raise_fd_limit, uvicorn_config
 from gateway.settings import Settings
-from gateway.simworker import (
-    SIM_PROTOCOLS,
-    SimConfig,
-    create_sim_app,
-    spawn,
-    stop,
-    wait_healthy,
-)
+from gateway.simservers import FACES
+from gateway.simservers import create_app as create_sim_app
+from gateway.simworker import SIM_PROTOCOLS, SimConfig, spawn, stop, wait_healthy
 
 log = logging.getLogger("gateway.server")  # where the server layer logs its limits
 
@@ -128,7 +123,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument(
-        "--protocol", choices=SIM_PROTOCOLS, default="friendli-container", help="the API served"
+        "--protocol",
+        choices=(*SIM_PROTOCOLS, *FACES),
+        default="friendli-container",
+        help="the API served",
     )
     p.add_argument("--step-ms", type=float, default=20.0, help="time per inference step")
     p.add_argument("--concurrency", type=int, default=2, help="generations at once")

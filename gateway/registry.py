@@ -14,13 +14,14 @@ the file (a pool's worker credentials, a Redis password); they are expanded here
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import re
 from collections.abc import Iterator, Mapping
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -29,8 +30,10 @@ from pydantic import (
     ConfigDict,
     Field,
     JsonValue,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
+    field_validator,
     model_validator,
 )
 from pydantic.functional_validators import AfterValidator
@@ -195,7 +198,20 @@ class DiscoverSpec(_Frozen):
 
 
 # The protocols a pool may speak (gateway.protocols.PROTOCOLS implements each one).
-ProtocolName = Literal["friendli-container", "openai-images", "a1111"]
+ProtocolName = Literal["friendli-container", "openai-images", "a1111", "comfyui", "cog"]
+
+# Each protocol's settings block on a pool: its key -> the protocol it is for. A block
+# given on a pool of another protocol is refused (_cross_check), with its line.
+SETTINGS_BLOCKS: Mapping[str, str] = {
+    "openai": "openai-images",
+    "a1111": "a1111",
+    "comfyui": "comfyui",
+    "cog": "cog",
+}
+
+# The protocols whose adapters may set `lora_weight`.
+LORA_WEIGHT_PROTOCOLS: frozenset[str] = frozenset({"a1111", "comfyui", "cog"})
+
 
 FieldName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 UrlPath = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^/[A-Za-z0-9._~/-]*$")]
@@ -272,12 +288,164 @@ class A1111Settings(_Frozen):
         return self
 
 
-# Each protocol's settings block on a pool: its key -> the protocol it is for. A block
-# set on a pool of another protocol is refused (_cross_check), with its line.
-SETTINGS_BLOCKS: Mapping[str, str] = {"openai": "openai-images", "a1111": "a1111"}
+# -- comfyui and cog: their pool settings ---------------------------------------------------
 
-# The protocols whose adapters may set `lora_weight`.
-LORA_WEIGHT_PROTOCOLS: frozenset[str] = frozenset({"a1111"})
+InputName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+NodeId = Annotated[str, Field(min_length=1, max_length=64)]
+LoraWeight = Annotated[float, Field(ge=-10, le=10, allow_inf_nan=False)]
+
+
+class CogSettings(_Frozen):
+    """A Cog model's input names (its `GET /openapi.json`, `Input` schema): each of our
+    fields goes to the input named here; None: the model has no such input (it is not
+    sent). The defaults are the names of Replicate's SDXL and Flux images."""
+
+    prompt_input: InputName = "prompt"
+    steps_input: InputName | None = "num_inference_steps"
+    guidance_input: InputName | None = "guidance_scale"
+    # None: the model takes no seed, so it draws a new image every time: not cached.
+    seed_input: InputName | None = "seed"
+    output_format_input: InputName | None = "output_format"
+    jpeg_value: Annotated[str, Field(min_length=1, max_length=16)] = "jpg"  # for `jpeg`
+    png_value: Annotated[str, Field(min_length=1, max_length=16)] = "png"  # for `raw`
+    # The adapter: its upstream_model goes into this input (`lora_weights`,
+    # `replicate_weights`: a name or URL the image loads); None: one image per adapter,
+    # a pool each, and the adapters name no upstream_model.
+    adapter_input: InputName | None = None
+    lora_scale_input: InputName | None = None  # the adapter's lora_weight goes here
+    lora_weight: LoraWeight = 1.0  # for adapters that set none
+    # Inputs every prediction gets as they are (width, height, num_outputs: 1, ...).
+    inputs: Mapping[InputName, str | int | float | bool] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _distinct_inputs(self) -> CogSettings:
+        mapped = [name for name in self.mapped_inputs() if name is not None]
+        for name in mapped:
+            if mapped.count(name) > 1:
+                raise ValueError(f"input {name!r} is mapped twice")
+            if name in self.inputs:
+                raise ValueError(f"input {name!r} is both mapped and fixed (in 'inputs')")
+        return self
+
+    def mapped_inputs(self) -> tuple[str | None, ...]:
+        return (
+            self.prompt_input,
+            self.steps_input,
+            self.guidance_input,
+            self.seed_input,
+            self.output_format_input,
+            self.adapter_input,
+            self.lora_scale_input,
+        )
+
+
+class ComfyuiSettings(_Frozen):
+    """A ComfyUI pool's workflow: an API-format JSON file ("Save (API)" in ComfyUI: node
+    id -> {class_type, inputs}) and the nodes and inputs our fields fill in. The file is
+    read and checked at load (it exists, is JSON, and has every node and input named
+    here); a changed file is read again at the next reload."""
+
+    workflow: str  # its path: relative to the registry file, or absolute
+    prompt_node: NodeId
+    prompt_input: InputName = "text"
+    sampler_node: NodeId  # the KSampler: seed, steps and cfg
+    seed_input: InputName = "seed"
+    steps_input: InputName = "steps"
+    cfg_input: InputName = "cfg"
+    # When the seed lives in another node (SamplerCustomAdvanced's RandomNoise:
+    # seed_node: "25", seed_input: noise_seed).
+    seed_node: NodeId | None = None
+    lora_node: NodeId | None = None  # the LoraLoader; None: the workflow has no LoRA
+    lora_name_input: InputName = "lora_name"
+    lora_strength_inputs: tuple[InputName, ...] = ("strength_model", "strength_clip")
+    lora_weight: LoraWeight = 1.0  # for adapters that set none
+    # Whose images are the answer (a SaveImage node); None: the first with an image.
+    output_node: NodeId | None = None
+    # A probe says "busy" when more prompts than this wait in the server's queue.
+    busy_queue: Annotated[int, Field(ge=0, le=10_000)] = 2
+    # /history is polled first after poll_first_s, then at most every poll_max_s.
+    poll_first_s: Annotated[float, Field(gt=0, le=60)] = 0.05
+    poll_max_s: Annotated[float, Field(gt=0, le=60)] = 1.0
+
+    _template: dict[str, Any] = PrivateAttr(default_factory=dict)
+    _digest: str = PrivateAttr(default="")
+
+    @field_validator("workflow")
+    @classmethod
+    def _resolve(cls, path: str, info: ValidationInfo) -> str:
+        base = Path((info.context or {}).get("base_dir", "."))
+        return str((base / path).resolve())
+
+    @model_validator(mode="after")
+    def _load(self) -> ComfyuiSettings:
+        template = read_workflow(Path(self.workflow))
+        for node, inputs in self.filled().items():
+            if node not in template:
+                raise ValueError(f"node {node!r} is not in the workflow {self.workflow}")
+            have = template[node].get("inputs", {})
+            for name in inputs:
+                if name not in have:
+                    kind = template[node].get("class_type", "?")
+                    raise ValueError(
+                        f"node {node!r} ({kind}) of the workflow has no input {name!r}"
+                    )
+        if self.output_node is not None and self.output_node not in template:
+            raise ValueError(f"node {self.output_node!r} is not in the workflow {self.workflow}")
+        self._template = template
+        canonical = json.dumps(template, sort_keys=True, separators=(",", ":"))
+        self._digest = hashlib.sha256(canonical.encode()).hexdigest()[:16]
+        return self
+
+    def filled(self) -> dict[str, list[str]]:
+        """Node id -> the inputs of it we fill in."""
+        nodes: dict[str, list[str]] = {}
+        nodes.setdefault(self.prompt_node, []).append(self.prompt_input)
+        nodes.setdefault(self.sampler_node, []).extend((self.steps_input, self.cfg_input))
+        nodes.setdefault(self.seed_node or self.sampler_node, []).append(self.seed_input)
+        if self.lora_node is not None:
+            lora = (self.lora_name_input, *self.lora_strength_inputs)
+            nodes.setdefault(self.lora_node, []).extend(lora)
+        return nodes
+
+    @property
+    def template(self) -> dict[str, Any]:
+        """The workflow as read at load (copy it before filling it in)."""
+        return self._template
+
+    @property
+    def digest(self) -> str:
+        """sha256 prefix of the workflow's content: part of the cache key's variant."""
+        return self._digest
+
+
+def read_workflow(path: Path) -> dict[str, Any]:
+    """An API-format workflow: {node id: {"class_type": str, "inputs": {...}}}."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"cannot read the workflow {path}: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise ValueError(f"the workflow {path} is not JSON") from None
+    if isinstance(data, dict) and "nodes" in data and "links" in data:
+        raise ValueError(f"the workflow {path} is in the UI format: export it with 'Save (API)'")
+    if (
+        not isinstance(data, dict)
+        or not data
+        or not all(
+            isinstance(node, dict)
+            and isinstance(node.get("class_type"), str)
+            and isinstance(node.get("inputs"), dict)
+            for node in data.values()
+        )
+    ):
+        raise ValueError(
+            f"the workflow {path} is not an API-format workflow "
+            "({node id: {class_type, inputs}})"
+        )
+    return data
+
+
+# -- end comfyui and cog -----------------------------------------------------------------
 
 
 class PoolSpec(_Frozen):
@@ -323,6 +491,8 @@ class PoolSpec(_Frozen):
     # One settings block per protocol (SETTINGS_BLOCKS); only the pool's own may be given.
     openai: OpenAIImagesSettings = OpenAIImagesSettings()
     a1111: A1111Settings = A1111Settings()
+    comfyui: ComfyuiSettings | None = None  # required on a comfyui pool: its workflow
+    cog: CogSettings = CogSettings()
 
 
 class AdapterSpec(_Frozen):
@@ -520,7 +690,7 @@ def parse_registry(
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping with 'pools' and 'adapters'")
     digest = hashlib.sha256(text.encode()).hexdigest()[:12]
-    context = {"env": os.environ if env is None else env}
+    context = {"env": os.environ if env is None else env, "base_dir": _base_dir(source)}
     try:
         registry = Registry.model_validate({**data, "digest": digest}, context=context)
     except ValidationError as exc:
@@ -529,6 +699,13 @@ def parse_registry(
     for loc, msg in _cross_check(registry):
         raise ConfigError(_where(source, root, loc, msg))
     return registry
+
+
+def _base_dir(source: str) -> Path:
+    """Where paths in the registry (a comfyui workflow) are relative to: the file's
+    folder, or the working directory for text that came from no file."""
+    path = Path(source)
+    return path.resolve().parent if path.is_file() else Path.cwd()
 
 
 def _cross_check(registry: Registry) -> Iterator[tuple[Loc, str]]:
@@ -545,6 +722,7 @@ def _cross_check(registry: Registry) -> Iterator[tuple[Loc, str]]:
                 yield loc, f"{key!r} is already used by {seen[key]}"
             seen[key] = f"adapter {adapter.name!r}" if j == 0 else f"an alias of {adapter.name!r}"
         yield from _check_adapter_for_pool(registry, i, adapter)
+        yield from _check_comfyui_cog_adapter(registry, i, adapter)  # h-proto2
         if adapter.default:
             defaults.append(adapter.name)
             if len(defaults) > 1:
@@ -558,6 +736,8 @@ def _cross_check(registry: Registry) -> Iterator[tuple[Loc, str]]:
             if pool.protocol != protocol and settings != type(settings)():
                 msg = f"settings for {protocol}, but this pool speaks {pool.protocol}"
                 yield ("pools", name, block), msg
+        if pool.protocol == "comfyui" and pool.comfyui is None:  # h-proto2
+            yield ("pools", name), "a comfyui pool needs a 'comfyui' block with its workflow"
         if bool(pool.workers) == (pool.discover is not None):
             yield ("pools", name), "give either a 'workers' list or 'discover', not both or none"
         urls = [worker.url for worker in pool.workers]
@@ -587,6 +767,28 @@ def _check_adapter_for_pool(
     elif adapter.upstream_model is None:
         msg = "a LoRA weight needs the LoRA's name: set upstream_model"
         yield ("adapters", i, "lora_weight"), msg
+
+
+# -- comfyui and cog --
+def _check_comfyui_cog_adapter(
+    registry: Registry, i: int, adapter: AdapterSpec
+) -> Iterator[tuple[Loc, str]]:
+    """An adapter with a LoRA (upstream_model) needs a place to put it on its pool."""
+    pool = registry.pools.get(adapter.pool)
+    if pool is None or adapter.upstream_model is None:
+        return
+    if pool.protocol == "comfyui" and pool.comfyui is not None and pool.comfyui.lora_node is None:
+        msg = f"pool {adapter.pool!r} has no lora_node in its workflow for this LoRA"
+        yield ("adapters", i, "upstream_model"), msg
+    if pool.protocol == "cog" and pool.cog.adapter_input is None:
+        msg = (
+            f"pool {adapter.pool!r} (cog) has no adapter_input: give it one, or serve this "
+            "adapter from an image of its own (a pool without upstream_model)"
+        )
+        yield ("adapters", i, "upstream_model"), msg
+
+
+# -- end comfyui and cog --
 
 
 def _check_auth(auth: AuthSpec, adapters: list[str]) -> Iterator[tuple[Loc, str]]:

@@ -116,22 +116,33 @@ class SimWorker:
             return True
         return False
 
+    @property
+    def gpu(self) -> asyncio.Semaphore:
+        """The GPU's slots: `draw` takes one; a face that must know when a job starts
+        (ComfyUI's queue) or refuse when none is free (Cog's 409) takes it itself and
+        calls `draw_held`."""
+        return self._gpu
+
     async def draw(self, drawing: Drawing) -> bytes:
         """The picture's bytes, after the time a GPU would take."""
         async with self._gpu:
-            stats = self.stats
-            stats.in_flight += 1
-            stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
-            try:
-                if drawing.adapter is not None:
-                    await self._load(drawing.adapter)
-                await asyncio.sleep(drawing.steps * self.config.step_ms / 1000)
-                stats.generations += 1
-                key = drawing.adapter or ""
-                stats.requests_by_adapter[key] = stats.requests_by_adapter.get(key, 0) + 1
-                return await self._render_cached(drawing)
-            finally:
-                stats.in_flight -= 1
+            return await self.draw_held(drawing)
+
+    async def draw_held(self, drawing: Drawing) -> bytes:
+        """`draw`, for a caller that already holds a slot of `gpu`."""
+        stats = self.stats
+        stats.in_flight += 1
+        stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
+        try:
+            if drawing.adapter is not None:
+                await self._load(drawing.adapter)
+            await asyncio.sleep(drawing.steps * self.config.step_ms / 1000)
+            stats.generations += 1
+            key = drawing.adapter or ""
+            stats.requests_by_adapter[key] = stats.requests_by_adapter.get(key, 0) + 1
+            return await self._render_cached(drawing)
+        finally:
+            stats.in_flight -= 1
 
     @property
     def busy(self) -> bool:
@@ -169,7 +180,7 @@ def _digest(drawing: Drawing) -> str:
 
 def render(body: ImageGenerationBody, size: int) -> bytes:
     """A Friendli Container request's picture: JPEG, or PNG for `raw`."""
-    return draw_picture(_friendli_drawing(body, size))
+    return draw_picture(drawing_for(body, size))
 
 
 def draw_picture(drawing: Drawing) -> bytes:
@@ -213,7 +224,7 @@ def _b64(image: bytes) -> str:
 # -- Friendli Container ------------------------------------------------------------------
 
 
-def _friendli_drawing(body: ImageGenerationBody, size: int) -> Drawing:
+def drawing_for(body: ImageGenerationBody, size: int) -> Drawing:
     return Drawing(
         prompt=body.prompt,
         steps=body.num_inference_steps,
@@ -236,7 +247,7 @@ def friendli_routes(worker: SimWorker) -> list[Route]:
             return JSONResponse({"detail": f"adapter {body.model!r} is not served here"}, 400)
         if worker.fails():
             return JSONResponse({"detail": "simulated worker failure"}, 500)
-        image = await worker.draw(_friendli_drawing(body, worker.config.size))
+        image = await worker.draw(drawing_for(body, worker.config.size))
         return Response(
             b'{"image":"' + base64.b64encode(image) + b'"}', media_type="application/json"
         )
@@ -482,8 +493,12 @@ ROUTES: dict[str, Callable[[SimWorker], list[Route]]] = {
 }
 
 
-def create_sim_app(config: SimConfig) -> Starlette:
-    if config.protocol not in ROUTES:
+def create_sim_app(
+    config: SimConfig, *, face: Callable[[SimWorker], list[Route]] | None = None
+) -> Starlette:
+    """The sim worker speaking `config.protocol`; `face`: another server's routes
+    (gateway.simservers: ComfyUI's, Cog's), which then answer instead."""
+    if face is None and config.protocol not in ROUTES:
         raise ValueError(f"no simulator for protocol {config.protocol!r}: {', '.join(ROUTES)}")
     worker = SimWorker(config)
 
@@ -496,7 +511,7 @@ def create_sim_app(config: SimConfig) -> Starlette:
 
     app = Starlette(
         routes=[
-            *ROUTES[config.protocol](worker),
+            *(face or ROUTES[config.protocol])(worker),
             Route("/health", health, methods=["GET"]),
             Route("/stats", stats, methods=["GET"]),
         ]

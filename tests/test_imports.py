@@ -60,10 +60,13 @@ LAYERS: dict[str, int] = {
     "gateway.middleware": 4,
     "gateway.server": 4,  # the HTTP server's protocol class, bounded by the registry's limits
     "gateway.settings": 4,  # the environment, read once; applied over a registry
+    "gateway.simservers": 4,  # the simulated worker's Cog and ComfyUI faces
     # 5: each protocol; the balancer (on the health state); coalescing (on the cache)
     "gateway.protocols.friendli_container": 5,
     "gateway.protocols.openai_images": 5,
     "gateway.protocols.a1111": 5,
+    "gateway.protocols.cog": 5,
+    "gateway.protocols.comfyui": 5,
     "gateway.balancer": 5,
     "gateway.coalesce": 5,
     # 6: the table of protocols; DNS discovery (drives the balancer)

@@ -55,6 +55,8 @@ import aiohttp
 
 from gateway.protocols.a1111 import A1111
 from gateway.protocols.call import Call, Probe
+from gateway.protocols.cog import Cog
+from gateway.protocols.comfyui import ComfyUI
 from gateway.protocols.friendli_container import FriendliContainer
 from gateway.protocols.openai_images import OpenAIImages
 from gateway.registry import AdapterSpec, PoolSpec
@@ -94,7 +96,13 @@ class WorkerProtocol(Protocol):
     def variant(self, adapter: AdapterSpec, pool: PoolSpec) -> str | None: ...
 
 
-_ALL: tuple[WorkerProtocol, ...] = (FriendliContainer(), OpenAIImages(), A1111())
+_ALL: tuple[WorkerProtocol, ...] = (
+    FriendliContainer(),
+    OpenAIImages(),
+    A1111(),
+    ComfyUI(),
+    Cog(),
+)
 PROTOCOLS: Mapping[str, WorkerProtocol] = {protocol.name: protocol for protocol in _ALL}
 
 
