@@ -18,6 +18,7 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -220,11 +221,23 @@ async def test_an_sdk_generation_through_the_gateway(
     )
 
 
+COMFY_WORKFLOW = {
+    "workflow": str(Path(__file__).parent.parent / "examples" / "comfyui-sd15-lora.json"),
+    "prompt_node": "6",
+    "sampler_node": "3",
+    "lora_node": "10",
+    "output_node": "9",
+}
+
+
 @pytest.mark.parametrize(
     ("protocol", "settings"),
     [
+        ("friendli-container", {}),
         ("openai-images", {"openai": {"size": "64x64"}}),
         ("a1111", {"a1111": {"width": 64, "height": 64}}),
+        ("comfyui", {"comfyui": COMFY_WORKFLOW}),
+        ("cog", {"cog": {"inputs": {"width": 64, "height": 64}}}),
     ],
 )
 async def test_the_sdk_gets_jpeg_and_png_from_pools_of_every_protocol(
@@ -232,7 +245,8 @@ async def test_the_sdk_gets_jpeg_and_png_from_pools_of_every_protocol(
 ) -> None:
     """The same SDK call, whatever the pool's workers speak (here their simulators, with
     the real servers' shapes): the image comes back in the format asked for."""
-    with sim_workers(["--protocol", protocol, "--step-ms", "0"]) as (sim,):
+    options = ["--protocol", protocol, "--step-ms", "0", "--size", "64"]
+    with sim_workers(options) as (sim,):
         registry = make_registry(
             {"p": [{"url": sim.url, "max_concurrency": 1}]},
             [{"name": "base", "pool": "p", "default": True}],
@@ -242,7 +256,13 @@ async def test_the_sdk_gets_jpeg_and_png_from_pools_of_every_protocol(
         )
         async with served_gateway(registry) as url, sdk_calls("async", url) as (generate, seen):
             for fmt in ("jpeg", "raw"):
-                image = await generate(prompt="a red fox", response_format=fmt, seed=3)
+                image = await generate(
+                    prompt="a red fox",
+                    num_inference_steps=4,
+                    guidance_scale=7.5,
+                    response_format=fmt,
+                    seed=3,
+                )
                 picture = Image.open(io.BytesIO(image))
                 assert (picture.format, picture.size) == (PIL_FORMAT[fmt], (64, 64))
                 assert seen.last_headers()["x-seed"] == "3"
