@@ -105,22 +105,24 @@ async def slow_client(
     after_response: bool = False,
 ) -> Cut:
     """Connects, sends `first`, then `then` every `every_s` until the server closes.
-    The clock starts at the connection (a head's), or once `first` is sent (a body's);
-    `after_response`: `first` is a whole request, and the clock starts once its answer
-    is read (an idle keep-alive connection)."""
+    The clock starts where the server's own cannot have started yet, so a busy event
+    loop here never makes a cut look early: before connecting (a head's timer starts
+    at the connection), or before `first` is sent (a body's timer starts once the head
+    is in; with `after_response`, `first` is a whole request and the keep-alive timer
+    starts once its answer is out)."""
     host, port = url.removeprefix("http://").split(":")
     loop = asyncio.get_running_loop()
-    reader, writer = await asyncio.open_connection(host, int(port))
     started = loop.time()
+    reader, writer = await asyncio.open_connection(host, int(port))
     try:
+        if after_response or clock_from_first:
+            started = loop.time()
         writer.write(first)
         if after_response:
             await reader.readuntil(b"\r\n\r\n")
             await reader.readuntil(b"}")  # /healthz's JSON body
-            started = loop.time()
         elif clock_from_first:
             await writer.drain()
-            started = loop.time()
         answer = asyncio.create_task(_read_until_closed(reader))
         while loop.time() - started < GIVE_UP_S:
             done, _ = await asyncio.wait([answer], timeout=every_s)
