@@ -38,7 +38,7 @@ import aiohttp
 from gateway.answers import FORMATS
 from gateway.errors import UpstreamError, UpstreamRejected
 from gateway.protocols.call import Call, Probe
-from gateway.protocols.http import get_json, post_json, refusal
+from gateway.protocols.http import post_json, probe_get, refusal
 from gateway.protocols.imaging import (
     b64_image_response,
     bad_answer,
@@ -96,18 +96,10 @@ class A1111:
         pool: PoolSpec,
     ) -> Probe:
         """`/sdapi/v1/progress` answered 200: busy while a job runs, else ok."""
-        try:
-            answer = await get_json(
-                session,
-                base_url + PROGRESS,
-                worker="probe",
-                timeout=timeout,
-                headers=headers,
-                max_bytes=pool.max_response_bytes,  # what a worker may answer at most
-            )
-        except UpstreamError:
-            return "down"
-        if answer.status != 200:
+        answer = await probe_get(
+            session, base_url + PROGRESS, timeout=timeout, headers=headers, pool=pool
+        )
+        if answer is None or answer.status != 200:
             return "down"
         try:
             state = parse_json(answer.body, "probe").get("state") or {}

@@ -34,12 +34,11 @@ import aiohttp
 from gateway.causes import Cause
 from gateway.errors import UpstreamError
 from gateway.protocols.call import Call, Probe
-from gateway.protocols.http import get_json, post_json, refusal
+from gateway.protocols.http import post_json, probe_get, refusal
 from gateway.protocols.imaging import to_answer
 from gateway.registry import AdapterSpec, CogSettings, PoolSpec
 from gateway.schema import WorkerRequest
 
-_PROBE_MAX_BYTES = 256 * 1024  # the health answer carries the setup logs
 _HEALTH: Mapping[str, Probe] = {"READY": "ok", "BUSY": "busy"}
 
 
@@ -82,18 +81,10 @@ class Cog:
         headers: Mapping[str, str],
         pool: PoolSpec,
     ) -> Probe:
-        try:
-            answer = await get_json(
-                session,
-                base_url + self.health_path,
-                worker="probe",
-                timeout=timeout,
-                headers=headers,
-                max_bytes=_PROBE_MAX_BYTES,
-            )
-        except UpstreamError:
-            return "down"
-        return health(answer.body) if answer.status == 200 else "down"
+        answer = await probe_get(
+            session, base_url + self.health_path, timeout=timeout, headers=headers, pool=pool
+        )
+        return health(answer.body) if answer is not None and answer.status == 200 else "down"
 
     def honours_seed(self, pool: PoolSpec) -> bool:
         return self.deterministic_seeds and pool.cog.seed_input is not None

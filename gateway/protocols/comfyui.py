@@ -48,13 +48,20 @@ import aiohttp
 from gateway.causes import Cause
 from gateway.errors import UpstreamError, UpstreamRejected
 from gateway.protocols.call import Call, Probe
-from gateway.protocols.http import Answer, get_json, one_line, post_json, refusal, status_cause
+from gateway.protocols.http import (
+    Answer,
+    get_json,
+    one_line,
+    post_json,
+    probe_get,
+    refusal,
+    status_cause,
+)
 from gateway.protocols.imaging import bytes_to_answer
 from gateway.registry import AdapterSpec, ComfyuiSettings, PoolSpec
 from gateway.schema import WorkerRequest
 
 _JSON_MAX_BYTES = 4 * 2**20  # a history entry repeats the workflow; 4 MiB is ample
-_PROBE_MAX_BYTES = 4 * 2**20  # /queue lists every queued workflow
 _PROMPT_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 
@@ -133,28 +140,15 @@ class ComfyUI:
         headers: Mapping[str, str],
         pool: PoolSpec,
     ) -> Probe:
-        try:
-            stats = await get_json(
-                session,
-                base_url + "/system_stats",
-                worker="probe",
-                timeout=timeout,
-                headers=headers,
-                max_bytes=_PROBE_MAX_BYTES,
-            )
-            if stats.status != 200:
-                return "down"
-            queue = await get_json(
-                session,
-                base_url + "/queue",
-                worker="probe",
-                timeout=timeout,
-                headers=headers,
-                max_bytes=_PROBE_MAX_BYTES,
-            )
-        except UpstreamError:
+        stats = await probe_get(
+            session, base_url + "/system_stats", timeout=timeout, headers=headers, pool=pool
+        )
+        if stats is None or stats.status != 200:
             return "down"
-        if queue.status != 200:
+        queue = await probe_get(
+            session, base_url + "/queue", timeout=timeout, headers=headers, pool=pool
+        )
+        if queue is None or queue.status != 200:
             return "down"
         pending = queue_pending(queue.body)
         if pending is None:

@@ -16,7 +16,7 @@ from gateway.answers import problem
 from gateway.causes import Cause
 from gateway.errors import UpstreamError
 from gateway.protocols.call import Call, Probe
-from gateway.protocols.http import Answer, Check, get_json, post_json, refusal
+from gateway.protocols.http import Answer, Check, post_json, probe_get, refusal
 from gateway.registry import AdapterSpec, PoolSpec
 from gateway.schema import ResponseFormat
 
@@ -56,18 +56,10 @@ class FriendliContainer:
         pool: PoolSpec,
     ) -> Probe:
         """`GET /health` answered 200: ok; anything else, a failure included: down."""
-        try:
-            answer = await get_json(
-                session,
-                base_url + self.health_path,
-                worker="probe",
-                timeout=timeout,
-                headers=headers,
-                max_bytes=pool.max_response_bytes,  # what a worker may answer at most
-            )
-        except UpstreamError:
-            return "down"
-        return "ok" if answer.status == 200 else "down"
+        answer = await probe_get(
+            session, base_url + self.health_path, timeout=timeout, headers=headers, pool=pool
+        )
+        return "ok" if answer is not None and answer.status == 200 else "down"
 
     def honours_seed(self, pool: PoolSpec) -> bool:
         return self.deterministic_seeds

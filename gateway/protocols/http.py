@@ -29,6 +29,7 @@ import aiohttp
 from gateway.causes import Cause
 from gateway.errors import UpstreamError, UpstreamRejected
 from gateway.protocols.client_errors import upstream_error
+from gateway.registry import PoolSpec
 
 # identity: the session does not decompress (a friendli-container worker's bytes go to
 # the client as they came), so a worker must not compress; aiohttp would offer gzip.
@@ -94,6 +95,30 @@ async def get_json(
         max_bytes=max_bytes,
         check=None,
     )
+
+
+async def probe_get(
+    session: aiohttp.ClientSession,
+    url: str,
+    *,
+    timeout: aiohttp.ClientTimeout,
+    headers: Mapping[str, str],
+    pool: PoolSpec,
+) -> Answer | None:
+    """A health probe's GET: the answer (read up to what the pool's workers may answer
+    at all), or None when the worker could not be reached or answered broken HTTP,
+    which every protocol reads as "down"."""
+    try:
+        return await get_json(
+            session,
+            url,
+            worker="probe",
+            timeout=timeout,
+            headers=headers,
+            max_bytes=pool.max_response_bytes,
+        )
+    except UpstreamError:
+        return None
 
 
 async def _exchange(

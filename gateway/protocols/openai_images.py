@@ -29,9 +29,8 @@ from typing import Any
 
 import aiohttp
 
-from gateway.errors import UpstreamError
 from gateway.protocols.call import Call, Probe
-from gateway.protocols.http import get_json, post_json, refusal
+from gateway.protocols.http import post_json, probe_get, refusal
 from gateway.protocols.imaging import bad_answer, parse_json, string_at, to_answer
 from gateway.registry import AdapterSpec, OpenAIImagesSettings, PoolSpec
 from gateway.schema import MAX_SEED, WorkerRequest
@@ -76,16 +75,10 @@ class OpenAIImages:
         pool: PoolSpec,
     ) -> Probe:
         """The pool's health_path: 200 ok; 429, or 503 with Retry-After, busy; else down."""
-        try:
-            answer = await get_json(
-                session,
-                base_url + pool.openai.health_path,
-                worker="probe",
-                timeout=timeout,
-                headers=headers,
-                max_bytes=pool.max_response_bytes,  # what a worker may answer at most
-            )
-        except UpstreamError:
+        answer = await probe_get(
+            session, base_url + pool.openai.health_path, timeout=timeout, headers=headers, pool=pool
+        )
+        if answer is None:
             return "down"
         if answer.status == 200:
             return "ok"
