@@ -187,6 +187,14 @@ async def eventually(condition: Callable[[], bool], *, within_s: float = 10.0) -
         await asyncio.sleep(0.005)
 
 
+def wait_until(condition: Callable[[], bool], *, within_s: float = 20.0) -> None:
+    """`eventually` for blocking code (a sync test, a test thread)."""
+    deadline = time.monotonic() + within_s
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never came true"
+        time.sleep(0.01)
+
+
 def dead_url() -> str:
     """A loopback URL nothing listens on: connecting to it is refused."""
     return f"http://127.0.0.1:{free_port()}"
