@@ -37,6 +37,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -52,7 +53,6 @@ import aiohttp
 
 from gateway.answers import problem
 from gateway.auth import hash_key
-from gateway.cli import free_port
 from gateway.schema import ImageGenerationBody
 from gateway.simworker import render, stop, wait_healthy
 
@@ -123,7 +123,7 @@ def servers(
     cores = os.cpu_count() or 1
     gateway_cpu = ["taskset", "-c", "0"] if cores >= 2 and shutil.which("taskset") else []
     other_cpu = ["taskset", "-c", f"1-{cores - 1}"] if gateway_cpu else []
-    up_port = free_port()
+    up_port = _free_port()
     if upstream == "static":
         body_file = tmp / "response.json"
         body_file.write_bytes(image_response(size))
@@ -164,7 +164,7 @@ def servers(
         wait_healthy(targets["direct"].url, proc=procs[0], path="/health")
         trees = {"gateway": None, "baseline": baseline} if baseline else {"gateway": None}
         for name, tree in trees.items():
-            port = free_port()
+            port = _free_port()
             env = {**os.environ, "PYTHONPATH": str(tree.resolve())} if tree else None
             cmd = [*gateway_cpu, *gw_cmd, "--port", str(port)]
             procs.append(subprocess.Popen(cmd, env=env, cwd=tree))
@@ -391,3 +391,13 @@ def _us(value: float | None) -> str:
 
 if __name__ == "__main__":
     main()
+
+
+def _free_port() -> int:
+    """A port that was free a moment ago. The baseline tree's `gateway serve` and the
+    static upstream cannot report a port of their own choosing; a lost race fails the
+    run, not a test."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
