@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
+import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -31,8 +31,7 @@ import aiohttp
 import redis
 import uvloop
 
-from gateway.cli import free_port
-from gateway.simworker import spawn, stop, wait_healthy
+from gateway.simworker import start_child, start_sim, stop
 from gateway.testing import registry_yaml
 
 PATH = "/v1/images/generations"
@@ -95,14 +94,11 @@ async def drive(
 @contextmanager
 def sim_worker(*options: str) -> Iterator[str]:
     """`gateway sim-worker` in a child process; its URL."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = spawn(port, *options)
+    child = start_sim(*options)
     try:
-        wait_healthy(url, proc=proc)
-        yield url
+        yield child.wait_ready()
     finally:
-        stop(proc)
+        stop(child.proc)
 
 
 @contextmanager
@@ -111,7 +107,7 @@ def redis_server(workdir: Path) -> Iterator[str]:
     binary = shutil.which("redis-server")
     if binary is None:
         raise SystemExit("redis-server not found: apt-get install -y redis-server")
-    port = free_port()
+    port = _free_port()  # redis-server cannot report a port it picked
     cmd = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--dir", str(workdir)]
     proc = subprocess.Popen([*cmd, "--appendonly", "no"], stdout=subprocess.DEVNULL)
     try:
@@ -138,16 +134,12 @@ def gateway(worker_url: str, cache: dict[str, Any] | None, workdir: Path) -> Ite
     config.write_text(
         registry_yaml({"sdxl": [{"url": worker_url, "max_concurrency": 64}]}, cache=cache)
     )
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    serve = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
-    options = ["--port", str(port), "--log-level", "warning", "--drain-grace-s", "0"]
-    proc = subprocess.Popen([*serve, *options], stdin=subprocess.DEVNULL)
+    options = ["--log-level", "warning", "--drain-grace-s", "0"]
+    child = start_child(["serve", "--config", str(config), *options])
     try:
-        wait_healthy(url, proc=proc, path="/healthz")
-        yield url
+        yield child.wait_ready(path="/healthz")
     finally:
-        stop(proc)
+        stop(child.proc)
 
 
 async def measure(args: argparse.Namespace, worker: str, gateways: dict[str, str]) -> list[Run]:
@@ -245,3 +237,12 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _free_port() -> int:
+    """A port that was free a moment ago (a bench run, not a test: a lost race only
+    fails the run)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port

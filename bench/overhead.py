@@ -45,6 +45,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -60,7 +61,6 @@ import aiohttp
 
 from gateway.answers import problem
 from gateway.auth import hash_key
-from gateway.cli import free_port
 from gateway.schema import ImageGenerationBody
 from gateway.simworker import Drawing, draw_picture, render, stop, wait_healthy
 
@@ -135,7 +135,7 @@ def servers(
     cores = os.cpu_count() or 1
     gateway_cpu = ["taskset", "-c", "0"] if cores >= 2 and shutil.which("taskset") else []
     other_cpu = ["taskset", "-c", f"1-{cores - 1}"] if gateway_cpu else []
-    up_port = free_port()
+    up_port = _free_port()
     if upstream == "static":
         body_file = tmp / "response.json"
         body_file.write_bytes(image_response(size))
@@ -176,7 +176,7 @@ def servers(
         wait_healthy(targets["direct"].url, proc=procs[0], path="/health")
         trees = {"gateway": None, "baseline": baseline} if baseline else {"gateway": None}
         for name, tree in trees.items():
-            port = free_port()
+            port = _free_port()
             env = {**os.environ, "PYTHONPATH": str(tree.resolve())} if tree else None
             cmd = [*gateway_cpu, *gw_cmd, "--port", str(port)]
             procs.append(subprocess.Popen(cmd, env=env, cwd=tree))
@@ -479,7 +479,7 @@ def protocol_servers(rows: Sequence[ProtocolRow], tmp: Path) -> Iterator[Target]
     pools, adapters, procs = [], [], []
     try:
         for row in rows:
-            port, answer = free_port(), tmp / f"{row.name}.json"
+            port, answer = _free_port(), tmp / f"{row.name}.json"
             answer.write_bytes(row.answer)
             cmd = [sys.executable, "-m", "bench.static_upstream", "--body-file", str(answer)]
             procs.append(subprocess.Popen([*other_cpu, *cmd, "--port", str(port)]))
@@ -491,7 +491,7 @@ def protocol_servers(rows: Sequence[ProtocolRow], tmp: Path) -> Iterator[Target]
             wait_healthy(f"http://127.0.0.1:{port}", proc=procs[-1])
         config = tmp / "adapters.yaml"
         config.write_text("pools:\n" + "".join(pools) + "adapters:\n" + "".join(adapters))
-        port = free_port()
+        port = _free_port()
         cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
         procs.append(
             subprocess.Popen([*gateway_cpu, *cmd, "--log-level", "warning", "--port", str(port)])
@@ -530,3 +530,13 @@ def report_protocols(
 
 if __name__ == "__main__":
     main()
+
+
+def _free_port() -> int:
+    """A port that was free a moment ago. The baseline tree's `gateway serve` and the
+    static upstream cannot report a port of their own choosing; a lost race fails the
+    run, not a test."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port

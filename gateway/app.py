@@ -45,13 +45,18 @@ def create_app(
     signals: bool = False,
     resolver: Resolver = resolve_dns,
     clock: Clock = time.monotonic,
+    instance: str | None = None,
 ) -> Starlette:
-    """`source`: the registry's file, for reloads; `signals`: take SIGHUP (reload) and
-    SIGTERM (drain) — only for a served process, never inside tests' event loops;
-    `resolver` and `clock`: DNS discovery and health timing (fakes in tests).
+    """`instance`: the id /healthz answers (`gateway serve` gives one per run), by
+    default a new one for this app; `source`: the registry's file, for reloads;
+    `signals`: take SIGHUP (reload) and SIGTERM (drain) — only for a served process,
+    never inside tests' event loops; `resolver` and `clock`: DNS discovery and health
+    timing (fakes in tests).
     `registry` is served as given: the environment's overrides (`Settings.over`) are
     the caller's to apply, so nothing here reads the environment."""
     state = AppState(metrics=metrics or Metrics(), drain=drain or Drain(grace_s=0.0))
+    if instance is not None:
+        state.instance = instance
     metrics = state.metrics
 
     @asynccontextmanager
@@ -172,4 +177,5 @@ def app_from_env() -> Starlette:
         drain=Drain(grace_s=settings.drain_grace_s, metrics=metrics),
         reload_every_s=settings.reload_every_s,
         signals=True,
+        instance=settings.instance,
     )

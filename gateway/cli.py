@@ -10,6 +10,7 @@ import getpass
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -35,7 +36,7 @@ from gateway.server import SERVED_PROTOCOL, ServerLimits, raise_fd_limit, uvicor
 from gateway.settings import Settings
 from gateway.simservers import FACES
 from gateway.simservers import create_app as create_sim_app
-from gateway.simworker import SIM_PROTOCOLS, SimConfig, spawn, stop, wait_healthy
+from gateway.simworker import SIM_PROTOCOLS, SimConfig, announce, start_sim, stop
 
 log = logging.getLogger("gateway.server")  # where the server layer logs its limits
 
@@ -96,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
         help="registry file polling (GATEWAY_RELOAD_EVERY_S, else 2)",
     )
     p.add_argument("--metrics-dir", default=None, help="multiprocess metrics (--processes > 1)")
+    _url_file_arg(p)
     p.set_defaults(run=serve)
 
     p = sub.add_parser("check", help="validate adapters.yaml and print the routing table")
@@ -121,7 +123,8 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--port", type=int, required=True, help="0: any free port")
+    _url_file_arg(p)
     p.add_argument(
         "--protocol",
         choices=(*SIM_PROTOCOLS, *FACES),
@@ -170,6 +173,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _url_file_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--url-file",
+        default=None,
+        help='once listening, write {"url": ..., "instance": ...} here (for --port 0)',
+    )
+
+
 def _config_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config", default=None, help="the registry (GATEWAY_CONFIG, else adapters.yaml)"
@@ -209,7 +220,14 @@ class _DeprecatedAlias(argparse.Action):
 def serve(args: argparse.Namespace) -> int:
     """Each server process builds its app from the environment set here (app_from_env),
     so one process and `--processes N` run the same code."""
-    settings = _settings(args, drain_grace_s=args.drain_grace_s, reload_every_s=args.reload_every_s)
+    # One id for this run, in every process's /healthz: a waiter knows it reached us.
+    instance = secrets.token_hex(8)
+    settings = _settings(
+        args,
+        drain_grace_s=args.drain_grace_s,
+        reload_every_s=args.reload_every_s,
+        instance=instance,
+    )
     # A bad file or variable stops us here, with its line and key, before any process starts.
     registry = settings.over(load_registry(settings.config))
     config = uvicorn_config(
@@ -225,13 +243,15 @@ def serve(args: argparse.Namespace) -> int:
     fds = raise_fd_limit()  # inherited by the processes uvicorn starts
     connections = ServerLimits.of(registry.limits).max_connections  # as each process has it
     log.info("at most %d connections per process (open-files limit %d)", connections, fds)
+    sock = config.bind_socket()  # bound here, so that port 0 is known before serving
+    announce(args.url_file, f"http://{args.host}:{sock.getsockname()[1]}", instance)
     if args.processes == 1:
         os.environ.update(settings.to_env())
-        uvicorn.Server(config).run()
+        uvicorn.Server(config).run(sockets=[sock])
         return 0
     with _multiprocess_metrics(args.metrics_dir or settings.metrics_dir) as directory:
         os.environ.update(settings.replace(metrics_dir=directory).to_env())
-        Multiprocess(config, sockets=[config.bind_socket()]).run()
+        Multiprocess(config, sockets=[sock]).run()
     return 0
 
 
@@ -331,7 +351,10 @@ def sim_worker(args: argparse.Namespace) -> int:
         protocol=args.protocol,
     )
     app = create_sim_app(config)
-    uvicorn.Server(uvicorn_config(app, host=args.host, port=args.port, log_level="warning")).run()
+    sock = _listen(args.host, args.port)
+    announce(args.url_file, f"http://{args.host}:{sock.getsockname()[1]}", app.state.instance)
+    server = uvicorn.Server(uvicorn_config(app, log_level="warning"))
+    server.run(sockets=[sock])
     return 0
 
 
@@ -401,15 +424,14 @@ def _start_sim_workers(
             spec = registry.pools[name]
             served = served_names(registry, name)
             for worker in pool["workers"]:
-                port = free_port()
-                worker["url"] = f"http://127.0.0.1:{port}"
                 slots = str(worker["max_concurrency"])
                 options = ["--step-ms", str(step_ms), "--concurrency", slots]
                 options += ["--protocol", spec.protocol]
                 if served:
                     options += ["--adapters", ",".join(served)]
-                procs.append(spawn(port, *options))
-                wait_healthy(worker["url"], proc=procs[-1])
+                started = start_sim(*options)
+                procs.append(started.proc)
+                worker["url"] = started.wait_ready()
     except BaseException:
         for proc in procs:
             stop(proc)
@@ -484,11 +506,3 @@ def _listen(host: str, port: int) -> socket.socket:
         raise SystemExit(msg) from exc
     sock.listen(2048)
     return sock
-
-
-def free_port() -> int:
-    """A port that was free a moment ago on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port

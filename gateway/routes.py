@@ -164,7 +164,7 @@ async def openapi(request: Request) -> Response:
 
 
 async def healthz(request: Request) -> Response:
-    return _status_json(Status(status="ok"), 200)
+    return _status_json(Status(status="ok", instance=app_state(request).instance), 200)
 
 
 async def readyz(request: Request) -> Response:

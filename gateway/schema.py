@@ -147,6 +147,7 @@ class Status(BaseModel):
     pool: str | None = None
     healthy: int | None = None
     pools: dict[str, PoolStatus] | None = None
+    instance: str | None = None  # /healthz: this server's id (see gateway.state)
 
 
 class ErrorBody(BaseModel):

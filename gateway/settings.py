@@ -35,7 +35,15 @@ ENV_DRAIN_GRACE_S = "GATEWAY_DRAIN_GRACE_S"
 ENV_RELOAD_EVERY_S = "GATEWAY_RELOAD_EVERY_S"
 ENV_REDIS_URL = "GATEWAY_REDIS_URL"
 ENV_METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"
-ENV_VARIABLES = (ENV_CONFIG, ENV_DRAIN_GRACE_S, ENV_RELOAD_EVERY_S, ENV_REDIS_URL, ENV_METRICS_DIR)
+ENV_INSTANCE = "GATEWAY_INSTANCE"  # set by `gateway serve` for its processes, not by hand
+ENV_VARIABLES = (
+    ENV_CONFIG,
+    ENV_DRAIN_GRACE_S,
+    ENV_RELOAD_EVERY_S,
+    ENV_REDIS_URL,
+    ENV_METRICS_DIR,
+    ENV_INSTANCE,
+)
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,7 @@ class Settings:
     reload_every_s: float = 2.0
     redis_url: str | None = None
     metrics_dir: str | None = None  # None: one process, its metrics in memory
+    instance: str | None = None  # the id /healthz answers; None: one per process
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -57,6 +66,7 @@ class Settings:
             reload_every_s=_seconds(env, ENV_RELOAD_EVERY_S, default.reload_every_s),
             redis_url=env.get(ENV_REDIS_URL) or None,
             metrics_dir=env.get(ENV_METRICS_DIR) or None,
+            instance=env.get(ENV_INSTANCE) or None,
         )
 
     def replace(self, **flags: object) -> Settings:
@@ -75,6 +85,8 @@ class Settings:
             env[ENV_REDIS_URL] = self.redis_url
         if self.metrics_dir is not None:
             env[ENV_METRICS_DIR] = self.metrics_dir
+        if self.instance is not None:
+            env[ENV_INSTANCE] = self.instance
         return env
 
     def over(self, registry: Registry) -> Registry:

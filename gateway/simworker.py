@@ -28,15 +28,20 @@ import base64
 import hashlib
 import io
 import json
+import os
 import random
 import re
+import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import httpx
@@ -501,9 +506,10 @@ def create_sim_app(
     if face is None and config.protocol not in ROUTES:
         raise ValueError(f"no simulator for protocol {config.protocol!r}: {', '.join(ROUTES)}")
     worker = SimWorker(config)
+    instance = secrets.token_hex(8)
 
     async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "ok", "instance": instance})
 
     async def stats(request: Request) -> Response:
         data: dict[str, Any] = {**vars(worker.stats), "loaded": worker.loaded_adapters()}
@@ -517,13 +523,8 @@ def create_sim_app(
         ]
     )
     app.state.worker = worker
+    app.state.instance = instance
     return app
-
-
-def spawn(port: int, *options: str, host: str = "127.0.0.1") -> subprocess.Popen[bytes]:
-    """A sim worker in a child process (`gateway sim-worker`), for demo, tests, benches."""
-    cmd = [sys.executable, "-m", "gateway", "sim-worker", "--host", host, "--port", str(port)]
-    return subprocess.Popen([*cmd, *options], stdin=subprocess.DEVNULL)
 
 
 def wait_healthy(
@@ -532,19 +533,78 @@ def wait_healthy(
     timeout_s: float = 20.0,
     proc: subprocess.Popen[bytes] | None = None,
     path: str = "/health",
+    instance: str | None = None,
 ) -> None:
-    """Block until `url` + `path` answers 200; fail fast if the process died."""
+    """Block until `url` + `path` answers 200 (and, given `instance`, says that id: the
+    server we started, not another one on that port); fail fast if the process died."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"{url}: process exited with code {proc.returncode}")
         try:
-            if httpx.get(url + path, timeout=1.0).status_code == 200:
+            resp = httpx.get(url + path, timeout=1.0)
+            if resp.status_code == 200 and (instance is None or _instance(resp) == instance):
                 return
         except httpx.TransportError:
             pass
         time.sleep(0.05)
-    raise TimeoutError(f"{url}: not healthy after {timeout_s}s")
+    raise TimeoutError(f"{url}: not healthy (or not instance {instance}) after {timeout_s}s")
+
+
+def _instance(resp: httpx.Response) -> object:
+    try:
+        return resp.json().get("instance")
+    except ValueError:
+        return None
+
+
+def announce(url_file: str | None, url: str, instance: str) -> None:
+    """Once listening: write `{"url", "instance"}` to `url_file` (if given), whole or
+    not at all (a rename), for the parent that started us on port 0."""
+    if url_file is None:
+        return
+    partial = f"{url_file}.partial"
+    Path(partial).write_text(json.dumps({"url": url, "instance": instance}))
+    os.replace(partial, url_file)
+
+
+@dataclass
+class Started:
+    """A `gateway` child told to listen on port 0 and say where in `url_file`."""
+
+    proc: subprocess.Popen[bytes]
+    url_file: Path
+
+    def wait_ready(self, *, path: str = "/health", timeout_s: float = 20.0) -> str:
+        """Its URL, once the child has bound its port and answers `path` as itself."""
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not self.url_file.exists():
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"child exited with code {self.proc.returncode}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"child did not say where it listens in {timeout_s}s")
+                time.sleep(0.01)
+            where = json.loads(self.url_file.read_text())
+        finally:
+            shutil.rmtree(self.url_file.parent, ignore_errors=True)
+        left_s = max(1.0, deadline - time.monotonic())
+        url: str = where["url"]
+        wait_healthy(url, proc=self.proc, path=path, instance=where["instance"], timeout_s=left_s)
+        return url
+
+
+def start_child(args: Sequence[str], **popen: Any) -> Started:
+    """`python -m gateway ARGS --port 0 --url-file F`: the kernel picks the port and the
+    child reports it, so no port is ever guessed free and then lost to another process."""
+    url_file = Path(tempfile.mkdtemp(prefix="gateway-child-")) / "listening.json"
+    cmd = [sys.executable, "-m", "gateway", *args, "--port", "0", "--url-file", str(url_file)]
+    return Started(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, **popen), url_file)
+
+
+def start_sim(*options: str, host: str = "127.0.0.1") -> Started:
+    """A sim worker in a child process; `.wait_ready()` gives its URL."""
+    return start_child(["sim-worker", "--host", host, *options])
 
 
 def stop(proc: subprocess.Popen[bytes], *, grace_s: float = 5.0) -> None:

@@ -10,7 +10,8 @@ lifespan never ran). Handlers reach it through `app_state(request)` and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import secrets
+from dataclasses import dataclass, field
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -38,6 +39,8 @@ class AppState:
     metrics: Metrics
     drain: Drain
     served: Served | None = None  # None until the lifespan has started
+    # Answered by /healthz: who a waiter reached (another server may hold the port).
+    instance: str = field(default_factory=lambda: secrets.token_hex(8))
 
 
 def state_of(app: Starlette) -> AppState:

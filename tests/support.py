@@ -15,7 +15,6 @@ import random
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -31,7 +30,6 @@ import redis
 from gateway.auth import hash_key
 from gateway.balancer import Balancer, Clock, Pool
 from gateway.cache import MemoryCache, ResultCache
-from gateway.cli import free_port
 from gateway.coalesce import Coalescer
 from gateway.errors import UpstreamError
 from gateway.pipeline import Pipeline
@@ -40,7 +38,7 @@ from gateway.protocols import open_worker_session
 from gateway.registry import CacheSpec, Registry, load_registry, parse_registry
 from gateway.reload import RegistryFile
 from gateway.schema import ImageGenerationBody
-from gateway.simworker import spawn, stop, wait_healthy
+from gateway.simworker import Started, start_child, start_sim, stop, wait_healthy
 from gateway.testing import Gateway, gateway, registry_yaml
 
 
@@ -57,18 +55,13 @@ class SimWorker:
 @contextmanager
 def sim_workers(*option_lists: Sequence[str]) -> Iterator[list[SimWorker]]:
     """One real `gateway sim-worker` process per option list, all stopped at exit."""
-    workers: list[SimWorker] = []
+    started: list[Started] = []
     try:
-        for options in option_lists:
-            port = free_port()
-            worker = SimWorker(f"http://127.0.0.1:{port}", spawn(port, *options))
-            workers.append(worker)
-        for worker in workers:
-            wait_healthy(worker.url, proc=worker.proc)
-        yield workers
+        started.extend(start_sim(*options) for options in option_lists)  # start together
+        yield [SimWorker(child.wait_ready(), child.proc) for child in started]
     finally:
-        for worker in workers:
-            stop(worker.proc)
+        for child in started:
+            stop(child.proc)
 
 
 class Sim(Protocol):
@@ -187,9 +180,46 @@ async def eventually(condition: Callable[[], bool], *, within_s: float = 10.0) -
         await asyncio.sleep(0.005)
 
 
+def wait_until(condition: Callable[[], bool], *, within_s: float = 20.0) -> None:
+    """`eventually` for blocking code (a sync test, a test thread)."""
+    deadline = time.monotonic() + within_s
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never came true"
+        time.sleep(0.01)
+
+
+_HELD: list[socket.socket] = []  # the ports of dead_url(), held for the whole run
+
+
 def dead_url() -> str:
-    """A loopback URL nothing listens on: connecting to it is refused."""
-    return f"http://127.0.0.1:{free_port()}"
+    """A loopback URL that refuses connections, for as long as the test run lasts: a
+    socket bound to a port the kernel picked and never listening (Linux answers a
+    connect with RST), held open, so that no other process can take the port and
+    answer. (A port bound and closed again, or a fixed one such as 9, could be
+    anyone's by the time it is used.)"""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    _HELD.append(sock)
+    return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def dead_redis_url(password: str | None = None) -> str:
+    """dead_url() as a redis:// URL (with `password`, if given)."""
+    auth = f":{password}@" if password else ""
+    return dead_url().replace("http://", f"redis://{auth}") + "/0"
+
+
+def _free_port() -> int:
+    """A port that was free a moment ago, for servers that cannot be told port 0 and
+    report it (redis-server, Prometheus): their starters retry when it was taken."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _port_taken(log: str) -> bool:
+    return "address already in use" in log.lower()
 
 
 @contextmanager
@@ -209,21 +239,14 @@ def gateway_child(
     """As gateway_process, with the process too (to signal it). Unless `extra` sets
     --drain-grace-s, the process stops as soon as it is told: the default grace (5 s)
     would cost every test that much at its end, and outlast `stop`'s own wait."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "gateway", "serve", "--config", config_path]
     if "--drain-grace-s" not in extra:
         extra = ("--drain-grace-s", "0", *extra)
-    proc = subprocess.Popen(
-        [*cmd, "--port", str(port), "--log-level", log_level, *extra],
-        stdin=subprocess.DEVNULL,
-        **popen,
-    )
-    url = f"http://127.0.0.1:{port}"
+    args = ["serve", "--config", config_path, "--log-level", log_level, *extra]
+    child = start_child(args, **popen)
     try:
-        wait_healthy(url, proc=proc, path="/healthz")
-        yield url, proc
+        yield child.wait_ready(path="/healthz"), child.proc
     finally:
-        stop(proc)
+        stop(child.proc)
 
 
 def redis_cache(url: str, **options: Any) -> dict[str, Any]:
@@ -268,10 +291,12 @@ class RedisServer:
                 raise RuntimeError(f"redis-server exited: {self.log_tail()}")
             try:
                 with self.client() as client:
-                    client.ping()
-                    return
+                    # Its own process answering, not another server on that port.
+                    if client.info("server")["process_id"] == self.proc.pid:
+                        return
             except redis.RedisError:
-                time.sleep(0.02)
+                pass
+            time.sleep(0.02)
         raise TimeoutError(f"redis-server not answering after {timeout_s}s: {self.log_tail()}")
 
     def log_tail(self) -> str:
@@ -304,27 +329,44 @@ class RedisServer:
 @contextmanager
 def redis_server(*options: str, tls: bool = False, cluster: bool = False) -> Iterator[RedisServer]:
     """redis-server on a free loopback port, stopped at exit. `tls`: rediss:// with a
-    fresh self-signed certificate; `cluster`: a one-node Redis Cluster owning every slot."""
-    port = free_port()
+    fresh self-signed certificate; `cluster`: a one-node Redis Cluster owning every slot.
+    redis-server cannot report a port it picked: a port taken between our pick and its
+    bind makes it exit, and it is started again on another (at most five tries)."""
     with tempfile.TemporaryDirectory(prefix="redis-") as tmp:
         workdir = Path(tmp)
-        server = RedisServer(
-            port, ["--port", str(port), *options], workdir, f"redis://127.0.0.1:{port}"
-        )
-        if tls:
-            _serve_tls(server)
-        if cluster:
-            # The cluster bus needs a port too: a free one, not the default port + 10000.
-            bus = ["--cluster-port", str(free_port())]
-            conf = ["--cluster-config-file", str(workdir / "nodes.conf")]
-            server.options = [*server.options, "--cluster-enabled", "yes", *conf, *bus]
+        for attempt in range(5):
+            server = _redis_on_free_port(workdir, options, tls=tls, cluster=cluster)
+            try:
+                server.start()
+                break
+            except RuntimeError:
+                server.kill()
+                if attempt == 4 or not _port_taken(server.log_tail()):
+                    raise
+                (workdir / "redis.log").unlink(missing_ok=True)
         try:
-            server.start()
             if cluster:
                 _own_every_slot(server)
             yield server
         finally:
             server.kill()
+
+
+def _redis_on_free_port(
+    workdir: Path, options: Sequence[str], *, tls: bool, cluster: bool
+) -> RedisServer:
+    port = _free_port()
+    server = RedisServer(
+        port, ["--port", str(port), *options], workdir, f"redis://127.0.0.1:{port}"
+    )
+    if tls:
+        _serve_tls(server)
+    if cluster:
+        # The cluster bus needs a port too: a free one, not the default port + 10000.
+        bus = ["--cluster-port", str(_free_port())]
+        conf = ["--cluster-config-file", str(workdir / "nodes.conf")]
+        server.options = [*server.options, "--cluster-enabled", "yes", *conf, *bus]
+    return server
 
 
 def _serve_tls(server: RedisServer) -> None:
@@ -398,28 +440,32 @@ def prometheus_server(config: str, workdir: Path) -> Iterator[str]:
     binary = prometheus_tool("prometheus")
     (workdir / "prometheus.yml").write_text(config)
     data, log_path = workdir / "prometheus-data", workdir / "prometheus.log"
-    port = free_port()
-    cmd = [
-        binary,
-        f"--config.file={workdir / 'prometheus.yml'}",
-        f"--storage.tsdb.path={data}",
-        f"--web.listen-address=127.0.0.1:{port}",
-        "--log.level=warn",
-    ]
-    url = f"http://127.0.0.1:{port}"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    for attempt in range(5):  # Prometheus cannot report a port it picked: see redis_server
+        port = _free_port()
+        cmd = [
+            binary,
+            f"--config.file={workdir / 'prometheus.yml'}",
+            f"--storage.tsdb.path={data}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ]
+        url = f"http://127.0.0.1:{port}"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         try:
-            try:
-                wait_healthy(url, proc=proc, path="/-/ready", timeout_s=30)
-            except (RuntimeError, TimeoutError) as exc:
+            wait_healthy(url, proc=proc, path="/-/ready", timeout_s=30)
+            break
+        except (RuntimeError, TimeoutError) as exc:
+            stop(proc, grace_s=10)
+            if attempt == 4 or not _port_taken(log_path.read_text()):
                 raise RuntimeError(
                     f"prometheus did not start: {exc}\n{log_path.read_text()}"
                 ) from exc
-            yield url
-        finally:
-            stop(proc, grace_s=10)
-            shutil.rmtree(data, ignore_errors=True)
+    try:
+        yield url
+    finally:
+        stop(proc, grace_s=10)
+        shutil.rmtree(data, ignore_errors=True)
 
 
 async def raw_exchange(url: str, request: bytes, *, timeout_s: float = 5.0) -> bytes:

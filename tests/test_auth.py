@@ -19,7 +19,7 @@ from gateway.auth import authenticate, hash_key
 from gateway.cli import main
 from gateway.registry import Registry
 from gateway.testing import FakeWorker, fake_worker, gateway, image_ok, served_gateway
-from tests.support import api_key, bearer, body, gateway_from_file, make_registry
+from tests.support import api_key, bearer, body, dead_url, gateway_from_file, make_registry
 
 TEAM_A = "gw_team-a-secret"
 TEAM_B = "gw_team-b-secret"
@@ -112,7 +112,7 @@ async def test_health_readiness_and_openapi_stay_open() -> None:
 
 
 def test_authenticate_puts_the_key_name_and_nothing_else_in_request_state() -> None:
-    registry = auth_registry("http://127.0.0.1:9")
+    registry = auth_registry(dead_url())
     scope: dict[str, Any] = {
         "type": "http",
         "headers": [(b"authorization", f"Bearer {TEAM_B}".encode())],
@@ -126,7 +126,7 @@ def test_authenticate_puts_the_key_name_and_nothing_else_in_request_state() -> N
 
 async def test_an_open_gateway_warns_once_at_start(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="gateway.auth")
-    async with gateway(make_registry({"p": ["http://127.0.0.1:9"]})) as gw:
+    async with gateway(make_registry({"p": [dead_url()]})) as gw:
         await gw.client.get("/healthz")
         await gw.client.get("/v1/models")
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -149,7 +149,7 @@ async def operator_client(registry: Registry, tmp_path: Path) -> AsyncIterator[h
 
 async def test_operator_routes_take_only_their_own_key(tmp_path: Path) -> None:
     registry = auth_registry(
-        "http://127.0.0.1:9",
+        dead_url(),
         metrics_key_sha256=hash_key(METRICS),
         admin_key_sha256=hash_key(ADMIN),
     )
@@ -170,13 +170,13 @@ async def test_operator_routes_take_only_their_own_key(tmp_path: Path) -> None:
 
 
 async def test_operator_routes_without_their_own_key(tmp_path: Path) -> None:
-    async with operator_client(auth_registry("http://127.0.0.1:9"), tmp_path) as client:
+    async with operator_client(auth_registry(dead_url()), tmp_path) as client:
         metrics = await client.get("/metrics")
         admin = await client.post("/admin/reload", headers=bearer(TEAM_A))
     assert metrics.status_code == 200  # counts and names only: open unless given a key
     assert admin.status_code == 403  # state-changing: closed unless given a key
     assert "admin_key_sha256" in admin.json()["detail"]
-    open_registry = make_registry({"p": ["http://127.0.0.1:9"]})
+    open_registry = make_registry({"p": [dead_url()]})
     async with operator_client(open_registry, tmp_path) as client:
         assert (await client.post("/admin/reload")).status_code == 200  # an open gateway
 

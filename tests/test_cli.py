@@ -19,7 +19,7 @@ from gateway.cli import _parser, main
 from gateway.registry import load_registry
 from gateway.simworker import SimConfig, create_sim_app
 from gateway.testing import ServedSim, registry_yaml, serve_in_thread
-from tests.support import body, gateway_process
+from tests.support import body, dead_url, gateway_process
 
 WORKERS_NOTE = "note: --workers is deprecated, write --processes"
 CHECK_NOTE = "note: `gateway check FILE` is deprecated"
@@ -60,7 +60,7 @@ def test_served_gateway_dead_and_slow_workers(tmp_path: Path) -> None:
             fast = httpx.post(url + "/v1/images/generations", json=body(num_inference_steps=1))
     assert timed_out.status_code == 504
     assert fast.status_code == 200
-    dead = write_config(tmp_path, ["http://127.0.0.1:9"])
+    dead = write_config(tmp_path, [dead_url()])
     with gateway_process(dead) as url:
         refused = httpx.post(url + "/v1/images/generations", json=body())
     assert refused.status_code == 502
@@ -158,27 +158,27 @@ def test_demo_serves_images_and_stops_its_workers() -> None:
 def test_check_reads_the_registry_named_by_config(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = write_config(tmp_path, ["http://127.0.0.1:9"])
+    config = write_config(tmp_path, [worker := dead_url()])
     assert main(["check", "--config", config]) == 0
     out, err = capsys.readouterr()
-    assert "    http://127.0.0.1:9  max_concurrency=" in out  # this file, not ./adapters.yaml
+    assert f"    {worker}  max_concurrency=" in out  # this file, not ./adapters.yaml
     assert err == ""
 
 
 def test_check_still_takes_the_file_as_an_argument_with_a_note(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = write_config(tmp_path, ["http://127.0.0.1:9"])
+    config = write_config(tmp_path, [worker := dead_url()])
     assert main(["check", config]) == 0
     out, err = capsys.readouterr()
-    assert "    http://127.0.0.1:9  max_concurrency=" in out  # this file, not ./adapters.yaml
+    assert f"    {worker}  max_concurrency=" in out  # this file, not ./adapters.yaml
     assert f"{CHECK_NOTE}, write `gateway check --config {config}`" in err
 
 
 def test_check_refuses_the_file_given_twice(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = write_config(tmp_path, ["http://127.0.0.1:9"])
+    config = write_config(tmp_path, [dead_url()])
     assert main(["check", "--config", config, config]) == 2
     assert "give the registry once, with --config" in capsys.readouterr().err
 

@@ -6,13 +6,14 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import pytest
+import redis
 
 from gateway.cache import CacheCounters, CachePolicy, MemoryCache, ResultCache, open_cache
 from gateway.causes import Cause
 from gateway.coalesce import Coalescer, Produced
 from gateway.errors import UpstreamError
 from gateway.registry import CacheSpec
-from tests.support import dead_url, redis_cache
+from tests.support import dead_url, eventually, redis_cache
 
 KEY = "gateway:v1:" + "ab" * 32
 
@@ -133,15 +134,30 @@ async def replicas(url: str, n: int, **options: float) -> AsyncIterator[list[Coa
         yield [Coalescer(cache=cache) for cache in caches]
 
 
+def set_calls(url: str) -> int:
+    """SET commands the server has run so far (a lock attempt is a SET NX)."""
+    with redis.Redis.from_url(url) as client:
+        stats: dict[str, dict[str, int]] = client.info("commandstats")
+        return stats.get("cmdstat_set", {}).get("calls", 0)
+
+
+def lock_pttl(url: str) -> int:
+    with redis.Redis.from_url(url) as client:
+        return int(client.pttl(f"{KEY}:lock"))
+
+
 async def test_replicas_sharing_redis_share_one_generation(redis_url: str) -> None:
     async with replicas(redis_url, 3) as gateways:
         produce = Generator(gateways[0].cache)
+        sets = set_calls(redis_url)
         waiters = [
             asyncio.create_task(gateway.run(KEY, produce, policy=CachePolicy.USE))
             for gateway in gateways
             for _ in range(10)
         ]
-        await asyncio.sleep(0.05)
+        # Three lock attempts (nothing else SETs before the release) and one holder
+        # generating: the other two were refused and are waiting on it.
+        await eventually(lambda: produce.runs == 1 and set_calls(redis_url) - sets >= 3)
         produce.release.set()
         results = await asyncio.gather(*waiters)
     assert produce.runs == 1
@@ -167,7 +183,7 @@ async def test_a_waiting_replica_gives_up_after_lock_wait_and_generates(redis_ur
     async with replicas(redis_url, 2, lock_wait_s=0.3) as (first, second):
         slow, impatient = Generator(first.cache), Generator()
         leader = asyncio.create_task(first.run(KEY, slow, policy=CachePolicy.USE))
-        await asyncio.sleep(0.05)
+        await eventually(lambda: slow.runs == 1)  # the leader holds the lock
         impatient.release.set()
         started = time.monotonic()
         result = await second.run(KEY, impatient, policy=CachePolicy.USE)
@@ -179,10 +195,22 @@ async def test_a_waiting_replica_gives_up_after_lock_wait_and_generates(redis_ur
 
 
 async def test_the_leader_renews_its_lock_while_it_generates(redis_url: str) -> None:
-    async with replicas(redis_url, 2, lock_ttl_ms=150) as (first, second):
+    # A lock's PTTL only falls unless its holder renews it: seeing it rise proves a
+    # renewal. The TTL is long (renewed every second) so that only a stall of two
+    # seconds could let it lapse; the test waits for a rise, not for a time.
+    async with replicas(redis_url, 2, lock_ttl_ms=3000) as (first, second):
         produce = Generator(first.cache)
         leader = asyncio.create_task(first.run(KEY, produce, policy=CachePolicy.USE))
-        await asyncio.sleep(0.5)  # three TTLs: the lock would have lapsed unrenewed
+        await eventually(lambda: produce.runs == 1)
+        seen = [lock_pttl(redis_url)]
+        assert 0 < seen[0] <= 3000
+
+        def renewed() -> bool:
+            seen.append(lock_pttl(redis_url))
+            assert seen[-1] > 0, f"the lock lapsed: PTTL {seen[-1]}"
+            return seen[-1] > seen[-2]
+
+        await eventually(renewed)
         assert await second.cache.lock(f"{KEY}:lock", "other") is False
         produce.release.set()
         await leader

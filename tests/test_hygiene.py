@@ -14,11 +14,19 @@ import pytest
 from aiohttp import web
 
 from gateway.auth import hash_key
-from gateway.cli import free_port, main
+from gateway.cli import main
 from gateway.errors import ConfigError
 from gateway.registry import parse_registry
 from gateway.testing import JPEG_ANSWER, Handler, fake_worker, registry_yaml, served_gateway
-from tests.support import api_key, bearer, body, gateway_process, make_registry
+from tests.support import (
+    api_key,
+    bearer,
+    body,
+    dead_redis_url,
+    dead_url,
+    gateway_process,
+    make_registry,
+)
 
 GEN = "/v1/images/generations"
 CLIENT_KEY = "gw_client-key-7f3a"
@@ -156,7 +164,7 @@ async def test_a_failing_worker_shows_the_client_one_line_and_no_internals() -> 
 
 def test_worker_credentials_come_from_the_environment_at_load() -> None:
     registry = make_registry(
-        {"p": ["http://127.0.0.1:9"]},
+        {"p": [dead_url()]},
         headers={"Authorization": "Bearer ${T}", "X-Org": "${ORG}-gpu"},
         env={"T": "tok", "ORG": "acme"},
     )
@@ -174,7 +182,7 @@ async def test_logs_of_a_full_run_hold_no_key_hash_or_credential(
         "keys": [api_key("team-a", CLIENT_KEY, adapters=["p"], rate={"per_s": 0.01, "burst": 4})],
         "metrics_key_sha256": hash_key(metrics_key),
         "admin_key_sha256": hash_key(admin_key),
-        "redis_url": f"redis://:{redis_password}@127.0.0.1:{free_port()}/0",  # down
+        "redis_url": dead_redis_url(redis_password),  # down
     }
     adapters: list[dict[str, Any]] = [
         {"name": "p", "pool": "p", "default": True},

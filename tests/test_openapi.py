@@ -8,9 +8,9 @@ from typing import Any
 from gateway.openapi import openapi_document
 from gateway.schema import ImageGenerationBody
 from gateway.testing import gateway_client, registry_yaml
-from tests.support import api_key, gateway_from_file, make_registry
+from tests.support import api_key, dead_url, gateway_from_file, make_registry
 
-WORKERS = {"p": ["http://127.0.0.1:9"]}
+WORKERS = {"p": [dead_url()]}
 
 
 def test_document_describes_the_api_from_the_models() -> None:
@@ -65,9 +65,7 @@ async def test_served_at_openapi_json_without_a_key() -> None:
 
 
 async def test_the_document_follows_a_reload(tmp_path: Path) -> None:
-    text = registry_yaml(
-        {"p": ["http://127.0.0.1:9"]}, sections={"limits": {"max_prompt_chars": 100}}
-    )
+    text = registry_yaml({"p": [dead_url()]}, sections={"limits": {"max_prompt_chars": 100}})
     path = tmp_path / "adapters.yaml"
     async with gateway_from_file(path, text) as gw:
         before = (await gw.client.get("/openapi.json")).json()

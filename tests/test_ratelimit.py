@@ -14,13 +14,21 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from gateway.cli import free_port
 from gateway.errors import RateLimited
 from gateway.ratelimit import KeyLimits, MemoryRateLimiter, RedisRateLimiter, open_rate_limiter
 from gateway.registry import KeySpec, RateSpec
 from gateway.state import served_of
 from gateway.testing import ServedSim, fake_worker, gateway, registry_yaml, served_gateway, sleeps
-from tests.support import api_key, bearer, body, gateway_process, make_registry, redis_server
+from tests.support import (
+    api_key,
+    bearer,
+    body,
+    dead_redis_url,
+    dead_url,
+    gateway_process,
+    make_registry,
+    redis_server,
+)
 
 KEY = "gw_rate-test-key"
 GEN = "/v1/images/generations"
@@ -101,7 +109,7 @@ async def test_unreachable_redis_never_refuses_a_request_by_itself(
     fast_sims: list[ServedSim],
 ) -> None:
     keys = [api_key("team-a", KEY, rate={"per_s": 0.01, "burst": 3})]
-    auth = {"keys": keys, "redis_url": f"redis://:hunter2@127.0.0.1:{free_port()}/0"}
+    auth = {"keys": keys, "redis_url": dead_redis_url("hunter2")}
     registry = make_registry({"p": [fast_sims[0].url]}, sections={"auth": auth})
     async with served_gateway(registry) as url, httpx.AsyncClient(base_url=url) as client:
         codes = [
@@ -174,7 +182,7 @@ async def test_max_concurrent_refuses_the_excess_with_429() -> None:
 async def test_every_ending_gives_the_slot_back() -> None:
     keys: list[dict[str, Any]] = [api_key("team-a", KEY, max_concurrent=1, adapters=["p"])]
     registry = make_registry(
-        {"p": ["http://127.0.0.1:9"]},
+        {"p": [dead_url()]},
         [{"name": "p", "pool": "p", "default": True}, {"name": "q", "pool": "p"}],
         sections={"auth": {"keys": keys}},
     )

@@ -16,12 +16,12 @@ from uvicorn.server import ServerState
 
 from gateway.registry import Registry
 from gateway.testing import served_gateway
-from tests.support import body, make_registry, parse_raw, raw_exchange
+from tests.support import body, dead_url, make_registry, parse_raw, raw_exchange
 
 
 def registry(max_header_bytes: int = 2048) -> Registry:
     limits = {"max_header_bytes": max_header_bytes}
-    return make_registry({"p": ["http://127.0.0.1:9"]}, sections={"limits": limits})
+    return make_registry({"p": [dead_url()]}, sections={"limits": limits})
 
 
 def get(*headers: bytes) -> bytes:

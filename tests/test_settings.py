@@ -28,9 +28,7 @@ def yaml_text(cache_url: str, limiter_url: str) -> str:
             "redis_url": limiter_url,
         }
     }
-    return registry_yaml(
-        {"p": ["http://127.0.0.1:9"]}, sections=sections, cache=redis_cache(cache_url)
-    )
+    return registry_yaml({"p": [dead_url()]}, sections=sections, cache=redis_cache(cache_url))
 
 
 def test_unset_or_empty_variables_give_the_defaults() -> None:

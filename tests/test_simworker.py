@@ -6,15 +6,19 @@ import asyncio
 import base64
 import io
 import json
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import httpx
+import pytest
 from PIL import Image
 
 from gateway.schema import ImageGenerationBody
-from gateway.simworker import SimConfig, create_sim_app, render
-from tests.support import body
+from gateway.simworker import SimConfig, create_sim_app, render, start_sim, stop, wait_healthy
+from gateway.testing import registry_yaml
+from tests.support import body, dead_url, gateway_process
 
 
 @asynccontextmanager
@@ -186,3 +190,36 @@ async def test_a1111_refuses_what_a1111_refuses() -> None:
     assert steps.status_code == 422
     seeds = [json.loads(answer["info"])["seed"] for answer in random_seed]
     assert seeds[0] != seeds[1]
+
+
+def test_a_child_on_port_0_says_where_it_listens_and_answers_as_itself() -> None:
+    child = start_sim("--step-ms", "0")
+    try:
+        url = child.wait_ready()  # the URL the child wrote once bound, checked by its id
+        instance = httpx.get(url + "/health", timeout=5).json()["instance"]
+        assert len(instance) == 16
+        # A server at that URL that is not the one we started does not pass for it.
+        with pytest.raises(TimeoutError, match="not instance"):
+            wait_healthy(url, instance="someone-else", timeout_s=0.3)
+    finally:
+        stop(child.proc)
+
+
+def test_a_served_gateway_answers_healthz_with_its_instance(tmp_path: Path) -> None:
+    config = tmp_path / "adapters.yaml"
+    config.write_text(registry_yaml({"p": [dead_url()]}))
+    with gateway_process(str(config)) as url:
+        first = httpx.get(url + "/healthz", timeout=5).json()
+    with gateway_process(str(config)) as url:
+        second = httpx.get(url + "/healthz", timeout=5).json()
+    assert first["status"] == second["status"] == "ok"
+    assert first["instance"] != second["instance"], "one id per run"
+
+
+def test_a_dead_url_refuses_and_its_port_stays_ours() -> None:
+    url = dead_url()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(url, timeout=5)
+    port = int(url.rsplit(":", 1)[1])
+    with socket.socket() as other, pytest.raises(OSError, match="in use"):
+        other.bind(("127.0.0.1", port))  # nobody else can take it and answer

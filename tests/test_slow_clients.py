@@ -33,7 +33,7 @@ from gateway.testing import (
     registry_yaml,
     served_gateway,
 )
-from tests.support import body, gateway_process, make_registry, parse_raw, raw_exchange
+from tests.support import body, dead_url, gateway_process, make_registry, parse_raw, raw_exchange
 
 HEAD_S, BODY_S, IDLE_S, KEEPALIVE_S = 1.0, 1.0, 0.5, 0.5
 MARGIN_S = 4.0
@@ -299,7 +299,7 @@ async def test_served_processes_take_their_limits_from_the_registry(tmp_path: Pa
     the limits `serve` resolved, not the defaults (which would wait 10 s)."""
     config = tmp_path / "adapters.yaml"
     limits = {"head_timeout_s": HEAD_S, "max_connections": 100}
-    config.write_text(registry_yaml({"p": ["http://127.0.0.1:9"]}, sections={"limits": limits}))
+    config.write_text(registry_yaml({"p": [dead_url()]}, sections={"limits": limits}))
     with gateway_process(str(config), "--workers", "2") as url:
         silent = await asyncio.gather(*(slow_client(url, b"") for _ in range(6)))
     for cut in silent:

@@ -3,39 +3,26 @@ one protocol under uvicorn, and scripted aiohttp apps whose every answer a test 
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
-import uvicorn
 from aiohttp import web
 
-from gateway.cli import free_port
 from gateway.simservers import create_app
 from gateway.simworker import SimConfig, SimWorker
+from gateway.testing import serve
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @asynccontextmanager
 async def sim_server(protocol: str, **options: Any) -> AsyncIterator[tuple[str, SimWorker]]:
+    """A sim worker of `protocol`, served in this process on a port the kernel picked."""
     config = SimConfig(step_ms=1.0, adapter_load_ms=1.0, protocol=protocol, **options)
     app = create_app(config)
-    port = free_port()
-    served = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", log_config=None)
-    server = uvicorn.Server(served)
-    task = asyncio.create_task(server.serve())
-    try:
-        while not server.started:
-            if task.done():
-                task.result()
-                raise RuntimeError("sim worker exited during start-up")
-            await asyncio.sleep(0.01)
-        yield f"http://127.0.0.1:{port}", app.state.worker
-    finally:
-        server.should_exit = True
-        await task
+    async with serve(app) as url:
+        yield url, app.state.worker
 
 
 @asynccontextmanager
