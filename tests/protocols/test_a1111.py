@@ -33,6 +33,7 @@ from gateway.testing import (
 )
 from tests.support import (
     body,
+    dead_url,
     eventually,
     make_registry,
     sim_workers,
@@ -182,14 +183,14 @@ def test_a_jpeg_or_webp_server_is_served_too() -> None:
 
 
 def a1111_yaml(adapters: list[dict[str, Any]] | None = None, **a1111: Any) -> str:
-    return registry_yaml({"p": ["http://127.0.0.1:9"]}, adapters, protocol="a1111", a1111=a1111)
+    return registry_yaml({"p": [dead_url()]}, adapters, protocol="a1111", a1111=a1111)
 
 
 @pytest.mark.parametrize(
     ("text", "error"),
     [
         (
-            registry_yaml({"p": ["http://127.0.0.1:9"]}, a1111={"width": 1024}),
+            registry_yaml({"p": [dead_url()]}, a1111={"width": 1024}),
             r":\d+: pools\.p\.a1111: settings for a1111, but this pool speaks friendli-container",
         ),
         (a1111_yaml(width=500), r"pools\.p\.a1111\.width: Input should be a multiple of 8"),

@@ -21,7 +21,7 @@ from gateway.registry import AdapterSpec, CogSettings, PoolSpec
 from gateway.schema import WorkerRequest
 from gateway.testing import image_bytes, served_gateway
 from tests.protocols.servers import json_answer, scripted, sim_server
-from tests.support import body, make_registry
+from tests.support import body, dead_url, make_registry
 
 PATH = "/v1/images/generations"
 PNG = image_bytes("raw", side=16)
@@ -266,7 +266,7 @@ def test_the_variant_separates_settings_and_weights() -> None:
 
 def test_an_adapter_with_a_lora_needs_an_adapter_input() -> None:
     with pytest.raises(ConfigError, match=r"adapters\.0\.upstream_model: pool 'p' \(cog\)"):
-        make_registry({"p": ["http://127.0.0.1:9"]}, ADAPTERS, protocol="cog")
+        make_registry({"p": [dead_url()]}, ADAPTERS, protocol="cog")
 
 
 def _dumps(data: Any) -> bytes:

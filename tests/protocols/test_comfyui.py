@@ -29,7 +29,7 @@ from gateway.registry import (
 from gateway.schema import WorkerRequest
 from gateway.testing import registry_yaml, served_gateway
 from tests.protocols.servers import json_answer, scripted, sim_server
-from tests.support import body, make_registry
+from tests.support import body, dead_url, make_registry
 
 PATH = "/v1/images/generations"
 EXAMPLE = Path(__file__).parent.parent.parent / "examples" / "comfyui-sd15-lora.json"
@@ -60,7 +60,7 @@ def test_a_relative_workflow_path_is_the_registry_file_s(tmp_path: Path) -> None
     (tmp_path / "flows").mkdir()
     shutil.copy(EXAMPLE, tmp_path / "flows" / "txt2img.json")
     text = registry_yaml(
-        {"p": ["http://127.0.0.1:9"]},
+        {"p": [dead_url()]},
         protocol="comfyui",
         comfyui={"workflow": "flows/txt2img.json", **NODES},
     )
@@ -94,17 +94,17 @@ def test_a_bad_workflow_is_refused_at_load_with_its_line(
     if content is not None:
         path.write_text(content)
     comfy = {"workflow": str(path), **NODES, **options}
-    text = registry_yaml({"p": ["http://127.0.0.1:9"]}, protocol="comfyui", comfyui=comfy)
+    text = registry_yaml({"p": [dead_url()]}, protocol="comfyui", comfyui=comfy)
     with pytest.raises(ConfigError, match=rf":\d+: pools\.p\.comfyui: .*{message}"):
         parse_registry(text)
 
 
 def test_a_comfyui_pool_needs_its_block_and_a_lora_node_for_a_lora() -> None:
     with pytest.raises(ConfigError, match="needs a 'comfyui' block"):
-        make_registry({"p": ["http://127.0.0.1:9"]}, protocol="comfyui")
+        make_registry({"p": [dead_url()]}, protocol="comfyui")
     no_lora = {**_pool()["comfyui"], "lora_node": None}
     with pytest.raises(ConfigError, match=r"adapters\.0\.upstream_model: .* no lora_node"):
-        make_registry({"p": ["http://127.0.0.1:9"]}, ADAPTERS, protocol="comfyui", comfyui=no_lora)
+        make_registry({"p": [dead_url()]}, ADAPTERS, protocol="comfyui", comfyui=no_lora)
 
 
 # -- our request into the workflow -------------------------------------------------------

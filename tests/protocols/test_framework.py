@@ -40,6 +40,7 @@ from gateway.testing import (
 )
 from tests.support import (
     body,
+    dead_url,
     local_pipeline,
     make_registry,
     the_pool,
@@ -204,14 +205,14 @@ def test_base64_that_is_not_is_a_bad_answer() -> None:
 def test_jpeg_quality_is_validated() -> None:
     assert PoolSpec().jpeg_quality == 90
     for bad in (0, 96):
-        text = registry_yaml({"p": ["http://127.0.0.1:9"]}, jpeg_quality=bad)
+        text = registry_yaml({"p": [dead_url()]}, jpeg_quality=bad)
         with pytest.raises(ConfigError, match=r"pools\.p\.jpeg_quality"):
             parse_registry(text)
 
 
 def test_a_lora_weight_where_no_protocol_takes_one_is_refused() -> None:
     adapters = [{"name": "a", "pool": "p", "upstream_model": "a", "lora_weight": 0.5}]
-    text = registry_yaml({"p": ["http://127.0.0.1:9"]}, adapters)
+    text = registry_yaml({"p": [dead_url()]}, adapters)
     with pytest.raises(ConfigError, match=r":\d+: adapters\.0\.lora_weight: pool 'p' speaks"):
         parse_registry(text)
 
@@ -286,7 +287,7 @@ def test_check_prints_how_each_adapter_is_chosen() -> None:
         {"name": "base", "pool": "p", "deterministic": False},
         {"name": "pix", "pool": "p", "upstream_model": "pixel-art"},
     ]
-    table = routing_table(make_registry({"p": ["http://127.0.0.1:9"]}, adapters))
+    table = routing_table(make_registry({"p": [dead_url()]}, adapters))
     assert (
         "base -> pool p (friendli-container), model=null (the base model); "
         "not deterministic: not cached" in table
