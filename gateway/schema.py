@@ -130,12 +130,6 @@ def _check_base64_image(text: str) -> None:
         raise ValueError("a control image must be a PNG, JPEG, WebP or GIF")
 
 
-def _weight(value: float) -> float:
-    if not math.isfinite(value) or not 0 <= value <= 1:
-        raise ValueError("a controlnet weight must be a number from 0 to 1")
-    return float(value)
-
-
 class ControlImage(BaseModel):
     """One control image, as the `friendli` SDK sends it (its `ImageInput`)."""
 
@@ -146,7 +140,7 @@ class ControlImage(BaseModel):
 
 ControlImages = Annotated[tuple[ControlImage, ...], Field(max_length=MAX_CONTROL_IMAGES)]
 ControlnetWeights = Annotated[
-    tuple[Annotated[StrictFloat, AfterValidator(_weight)], ...],
+    tuple[Annotated[StrictFloat, Field(ge=0, le=1)], ...],  # NaN fails both bounds
     Field(max_length=MAX_CONTROL_IMAGES),
 ]
 
