@@ -72,6 +72,15 @@ def cache_key(
         fields["guidance"] = float(job.guidance_scale)
     if variant is not None:
         fields["variant"] = variant
+    # Only when given, so that every other key stays what it was. A digest of each
+    # image's text (base64 or URL) as sent: the same picture sent as other text is a
+    # miss, never another picture's hit. A URL's key is the URL's, whatever it serves.
+    if job.control_images is not None:
+        fields["control_images"] = [
+            hashlib.sha256(control.image.encode()).hexdigest() for control in job.control_images
+        ]
+    if job.controlnet_weights is not None:
+        fields["controlnet_weights"] = [float(w) for w in job.controlnet_weights]
     text = json.dumps(fields, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return f"{namespace}:{KEY_VERSION}:{hashlib.sha256(text.encode()).hexdigest()}"
 

@@ -21,7 +21,7 @@ from gateway.auth import authorize
 from gateway.balancer import Balancer, Pool, Worker
 from gateway.cache import CachePolicy, ResultCache
 from gateway.coalesce import Coalescer, Produced
-from gateway.errors import UpstreamError, UpstreamRejected
+from gateway.errors import UpstreamError, UpstreamRejected, ValidationFailed
 from gateway.metrics import Metrics, Trace
 from gateway.protocols import Call, deterministic, protocol_for
 from gateway.registry import AdapterSpec, KeySpec, PoolSpec, Registry
@@ -89,12 +89,17 @@ class Pipeline:
         job = WorkerRequest.from_body(body, upstream_model=adapter.upstream_model)
         trace.seed = job.seed
         pool = registry.pool_of(adapter)
+        protocol = protocol_for(pool.protocol)
+        if job.control_images is not None and not protocol.takes_control_images:
+            msg = f"pool {adapter.pool!r} speaks {pool.protocol}, which takes no control_images"
+            loc = ["body", "control_images"]
+            raise ValidationFailed([{"loc": loc, "msg": msg, "type": "control_images_unsupported"}])
         policy = self.cache.policy(cache_policy)
         if not (adapter.cache_nondeterministic or deterministic(adapter, pool)):
             # Another draw of the same seed would differ: a stored image is not "the"
             # image of these inputs. Neither read nor written, nor shared in flight.
             policy = CachePolicy.BYPASS
-        variant = protocol_for(pool.protocol).variant(adapter, pool)
+        variant = protocol.variant(adapter, pool)
         cache_key = self.cache.key(adapter, job, variant=variant)
         found = await self.cache.lookup(cache_key, policy)
         trace.cache = found.status

@@ -531,6 +531,15 @@ class LimitsSpec(_Frozen):
     keepalive_idle_s: Seconds = 5.0  # an idle keep-alive connection (uvicorn's default)
     # Open client connections per process; None: sized from the fd limit at start.
     max_connections: Annotated[int, Field(ge=1, le=10**7)] | None = None
+    # Hosts whose URLs a client may give as control images (exact names, any case).
+    # Empty: only base64 images. The gateway never fetches a URL (no SSRF from it): it
+    # forwards the URL to a friendli-container worker, which does; so list only hosts
+    # that the workers may reach on a client's behalf.
+    control_image_url_hosts: tuple[Annotated[str, Field(min_length=1, max_length=253)], ...] = ()
+
+    @cached_property
+    def url_hosts(self) -> frozenset[str]:
+        return frozenset(host.lower() for host in self.control_image_url_hosts)
 
 
 class RateSpec(_Frozen):

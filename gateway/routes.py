@@ -29,7 +29,7 @@ from gateway.errors import (
 from gateway.metrics import CONTENT_TYPE
 from gateway.openapi import openapi_json
 from gateway.pipeline import Pipeline
-from gateway.registry import KeySpec, Registry
+from gateway.registry import KeySpec, LimitsSpec, Registry
 from gateway.schema import (
     ImageGenerationBody,
     ModelCard,
@@ -38,6 +38,7 @@ from gateway.schema import (
     Status,
     WorkerStatus,
     error_list,
+    is_image_url,
 )
 from gateway.server import CUTOFFS
 from gateway.state import app_state, served
@@ -54,9 +55,8 @@ async def generate_image(request: Request) -> Response:
 
 
 async def _generate(request: Request, pipeline: Pipeline, key: KeySpec | None) -> Response:
-    max_chars = pipeline.registry.limits.max_prompt_chars
     try:
-        body = await _parse_body(request, max_prompt_chars=max_chars)
+        body = await _parse_body(request, limits=pipeline.registry.limits)
     except ClientDisconnect:  # gone before its body came, or cut off for it (server.py)
         return Response(status_code=499)
     state = request.state
@@ -117,7 +117,7 @@ class _DisconnectWatch:
             raise ClientDisconnect from None
 
 
-async def _parse_body(request: Request, *, max_prompt_chars: int) -> ImageGenerationBody:
+async def _parse_body(request: Request, *, limits: LimitsSpec) -> ImageGenerationBody:
     content_type = request.headers.get("content-type", "application/json")
     media_type = content_type.split(";", 1)[0].strip().lower()
     if media_type != "application/json" and not media_type.endswith("+json"):
@@ -128,12 +128,30 @@ async def _parse_body(request: Request, *, max_prompt_chars: int) -> ImageGenera
         body = ImageGenerationBody.model_validate_json(await request.body())
     except ValidationError as exc:
         raise ValidationFailed(error_list(exc)) from exc
-    if len(body.prompt) > max_prompt_chars:
+    if len(body.prompt) > limits.max_prompt_chars:
         # The limit is the registry's, so it is checked here rather than in the model;
         # the error has pydantic's own shape for a string too long.
-        msg = f"String should have at most {max_prompt_chars} characters"
+        msg = f"String should have at most {limits.max_prompt_chars} characters"
         raise ValidationFailed([{"loc": ["body", "prompt"], "msg": msg, "type": "string_too_long"}])
+    _check_image_urls(body, limits.url_hosts)
     return body
+
+
+def _check_image_urls(body: ImageGenerationBody, allowed: frozenset[str]) -> None:
+    """A control image given as a URL only from a host the registry lists: the gateway
+    never fetches it, but a worker would, from inside the operator's network."""
+    for index, control in enumerate(body.control_images or ()):
+        if not is_image_url(control.image):
+            continue
+        host = urlsplit(control.image).hostname or ""
+        if host.lower() not in allowed:
+            msg = (
+                f"control image URLs from {host!r} are not allowed"
+                if allowed
+                else "control images must be base64: this gateway takes no image URLs"
+            )
+            loc = ["body", "control_images", index, "image"]
+            raise ValidationFailed([{"loc": loc, "msg": msg, "type": "url_not_allowed"}])
 
 
 async def list_models(request: Request) -> Response:

@@ -7,12 +7,24 @@ module (and nothing else from the gateway), so both sides agree on one contract.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 import re
 import secrets
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic.functional_validators import AfterValidator
 
 MAX_SEED = 2**32 - 1
@@ -50,6 +62,88 @@ Steps = Annotated[StrictInt, Field(ge=1, le=50)]
 Guidance = Annotated[StrictFloat, AfterValidator(_finite)]
 Seed = Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]
 
+# Control images (ControlNet inputs). Friendli documents up to 50 MiB an image; the
+# gateway holds a whole body in memory and hashes every image for the cache key, so it
+# takes fewer and smaller ones. A body carrying them also needs `limits.max_body_bytes`
+# raised (64 KiB by default): base64 is 4/3 of the image.
+MAX_CONTROL_IMAGES = 4
+MAX_CONTROL_IMAGE_BYTES = 8 * 2**20  # decoded
+MAX_CONTROL_IMAGE_URL_CHARS = 2048
+_B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
+# What an image file starts with: enough to tell one from text, HTML or garbage
+# without decoding it (as gateway.answers checks a worker's image).
+_IMAGE_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", b""),
+    (b"\xff\xd8\xff", b""),
+    (b"RIFF", b"WEBP"),  # WebP: "WEBP" at bytes 8..12
+    (b"GIF87a", b""),
+    (b"GIF89a", b""),
+)
+
+
+def is_image_url(text: str) -> bool:
+    """Is a control image given as an http(s) URL (rather than as base64)?"""
+    return text[:8].lower().startswith(("http://", "https://"))
+
+
+def _control_image(text: str) -> str:
+    if is_image_url(text):
+        _check_url(text)
+    else:
+        _check_base64_image(text)
+    return text
+
+
+def _check_url(text: str) -> None:
+    if len(text) > MAX_CONTROL_IMAGE_URL_CHARS:
+        raise ValueError(f"a control image URL must be at most {MAX_CONTROL_IMAGE_URL_CHARS} chars")
+    if not text.isascii() or not text.isprintable() or " " in text:
+        raise ValueError("a control image URL must be printable ASCII without spaces")
+    try:
+        host = urlsplit(text).hostname
+    except ValueError:
+        host = None
+    if not host:
+        raise ValueError("a control image URL must name a host")
+
+
+def _check_base64_image(text: str) -> None:
+    """Standard base64 of a PNG, JPEG, WebP or GIF of at most MAX_CONTROL_IMAGE_BYTES,
+    checked by its length, alphabet and first bytes: never decoded whole."""
+    size = len(text) // 4 * 3 - (len(text) - len(text.rstrip("=")))
+    if size > MAX_CONTROL_IMAGE_BYTES:
+        raise ValueError(f"a control image must be at most {MAX_CONTROL_IMAGE_BYTES} bytes")
+    raw = text.encode("ascii", errors="replace")
+    if (
+        len(raw) < 16
+        or len(raw) % 4
+        or raw.translate(None, _B64_ALPHABET)
+        or b"=" in raw.rstrip(b"=")
+        or len(raw) - len(raw.rstrip(b"=")) > 2
+    ):
+        raise ValueError("a control image must be an http(s) URL or standard base64")
+    try:
+        head = base64.b64decode(raw[:16], validate=True)
+    except binascii.Error as exc:
+        raise ValueError("a control image must be an http(s) URL or standard base64") from exc
+    if not any(head.startswith(a) and head[8:12].startswith(b) for a, b in _IMAGE_MAGIC):
+        raise ValueError("a control image must be a PNG, JPEG, WebP or GIF")
+
+
+class ControlImage(BaseModel):
+    """One control image, as the `friendli` SDK sends it (its `ImageInput`)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    image: Annotated[str, AfterValidator(_control_image)]
+
+
+ControlImages = Annotated[tuple[ControlImage, ...], Field(max_length=MAX_CONTROL_IMAGES)]
+ControlnetWeights = Annotated[
+    tuple[Annotated[StrictFloat, Field(ge=0, le=1)], ...],  # NaN fails both bounds
+    Field(max_length=MAX_CONTROL_IMAGES),
+]
+
 
 class ImageGenerationBody(BaseModel):
     """What a client sends. Unknown fields are dropped here and never forwarded."""
@@ -62,6 +156,38 @@ class ImageGenerationBody(BaseModel):
     model: str | None = None
     response_format: ResponseFormat | None = None
     seed: Seed | None = None
+    control_images: ControlImages | None = None
+    controlnet_weights: ControlnetWeights | None = None
+
+    @field_validator("control_images", "controlnet_weights", mode="after")
+    @classmethod
+    def _empty_is_none(cls, value: tuple[Any, ...] | None) -> tuple[Any, ...] | None:
+        return value or None  # [] asks for nothing: the same request (and key) as none
+
+    @field_validator("controlnet_weights", mode="after")
+    @classmethod
+    def _one_per_image(
+        cls, weights: tuple[float, ...] | None, info: ValidationInfo
+    ) -> tuple[float, ...] | None:
+        if weights is None:
+            return None
+        images = info.data.get("control_images")
+        if "control_images" not in info.data:
+            return weights  # control_images was refused itself: that error says why
+        count = len(images or ())
+        if count == 0:
+            raise ValueError("controlnet_weights were given without control_images")
+        if len(weights) != count:
+            raise ValueError(
+                f"controlnet_weights must have one weight per control image: "
+                f"{len(weights)} weights for {count} images"
+            )
+        return weights
+
+
+# WorkerRequest's fields that a worker's JSON carries only when given: a request
+# without them is byte for byte what it was before they existed.
+_ONLY_WHEN_GIVEN = ("control_images", "controlnet_weights")
 
 
 class WorkerRequest(BaseModel):
@@ -75,6 +201,8 @@ class WorkerRequest(BaseModel):
     model: str | None
     response_format: ResponseFormat
     seed: int
+    control_images: tuple[ControlImage, ...] | None = None
+    controlnet_weights: tuple[float, ...] | None = None
 
     @classmethod
     def from_body(cls, body: ImageGenerationBody, *, upstream_model: str | None) -> WorkerRequest:
@@ -85,7 +213,14 @@ class WorkerRequest(BaseModel):
             model=upstream_model,
             response_format=body.response_format or DEFAULT_FORMAT,
             seed=new_seed() if body.seed is None else body.seed,
+            control_images=body.control_images,
+            controlnet_weights=body.controlnet_weights,
         )
+
+    def to_json(self) -> bytes:
+        """The friendli-container worker's request body."""
+        absent = {name for name in _ONLY_WHEN_GIVEN if getattr(self, name) is None}
+        return self.model_dump_json(exclude=absent).encode()
 
 
 class ImageResponse(BaseModel):

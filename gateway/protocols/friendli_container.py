@@ -1,7 +1,8 @@
 """The Friendli Container image API: `POST /v1/images/generations` -> `{"image": b64}`.
 
 The worker takes the gateway's own request body (`WorkerRequest`, the client's six
-fields with the seed decided and `model` the adapter's `upstream_model`) and answers
+fields with the seed decided and `model` the adapter's `upstream_model`, plus
+`control_images` and `controlnet_weights` when the client gave them) and answers
 the client's own response body. So its 200 passes through byte for byte: checked
 (`gateway.answers`), never parsed into objects, decoded or re-encoded.
 """
@@ -35,7 +36,7 @@ class FriendliContainer:
         answer = await post_json(
             call.session,
             call.base_url + self.path,
-            job.model_dump_json().encode(),
+            job.to_json(),
             worker=call.worker,
             timeout=call.timeout,
             headers=call.headers,
