@@ -134,7 +134,9 @@ class Answer:
             body = await answer_for(request)
         elif body is None:
             body = json.dumps({"detail": f"fake worker answered {self.status}"})
-        headers = {"Content-Type": "application/json", **self.headers}
+        headers = dict(self.headers)
+        if not any(name.lower() == "content-type" for name in headers):
+            headers["Content-Type"] = "application/json"
         payload = body.encode() if isinstance(body, str) else body
         return web.Response(status=self.status, body=payload, headers=headers)
 

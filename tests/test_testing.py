@@ -95,6 +95,10 @@ async def test_a_declared_answer_is_sent_as_declared() -> None:
         "3",
     )
     assert resp.headers["content-type"] == "application/json"
+    page = Answer(body="<html>", headers={"content-type": "text/html"})
+    async with fake_worker(page) as html, httpx.AsyncClient(base_url=html.url) as client:
+        served = await client.post(GEN, json=body())
+    assert served.headers.get_list("content-type") == ["text/html"]
     assert waited >= 0.2, "not answered before its delay"
     assert default.status_code == 500
     assert default.json() == {"detail": "fake worker answered 500"}
