@@ -42,7 +42,6 @@ try never meets a "busy" answer: the balancer's slots keep its queue short.
 from __future__ import annotations
 
 import asyncio
-import copy
 import hashlib
 import json
 import logging
@@ -300,7 +299,12 @@ def lora_weight(adapter: AdapterSpec, settings: ComfyuiSettings) -> float:
 
 def workflow(settings: ComfyuiSettings, job: WorkerRequest, adapter: AdapterSpec) -> dict[str, Any]:
     """The pool's workflow with the job's values in it (a copy: the template stays)."""
-    graph = copy.deepcopy(settings.template)
+    # Each node and its inputs copied, nothing deeper: what changes below is an input
+    # replaced, never a value changed in place (a deepcopy cost ~1 ms a request).
+    graph = {
+        node_id: {**node, "inputs": dict(node["inputs"])}
+        for node_id, node in settings.template.items()
+    }
     graph[settings.prompt_node]["inputs"][settings.prompt_input] = job.prompt
     sampler = graph[settings.sampler_node]["inputs"]
     sampler[settings.steps_input] = job.num_inference_steps

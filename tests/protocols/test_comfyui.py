@@ -139,6 +139,8 @@ def test_the_base_model_takes_the_lora_node_out_of_the_graph() -> None:
     assert graph["3"]["inputs"]["model"] == ["4", 0]  # was ["10", 0]
     assert graph["6"]["inputs"]["clip"] == ["4", 1]  # was ["10", 1]
     assert graph["7"]["inputs"]["clip"] == ["4", 1]
+    # The template is untouched: the next request's graph is made from it again.
+    assert SETTINGS.template == json.loads(EXAMPLE.read_text())
 
 
 # -- ComfyUI's answers as ours -------------------------------------------------------------
