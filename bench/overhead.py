@@ -3,7 +3,7 @@
     python -m bench.overhead [--upstream static|sim] [--duration 5] [--auth]
                              [--baseline DIR] [--rounds N]
     python -m bench.overhead --check-only
-    python -m bench.overhead --protocols [--duration 5]
+    python -m bench.overhead --protocols [--duration 5] [--rounds N]
 
 Starts an upstream on loopback (a static responder that costs almost no CPU, or the
 sim worker with zero delay), the real gateway under uvicorn in front of it, then loads
@@ -109,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         report_check(image_response(args.size))
         return
     if args.protocols:
-        run_protocols(args.size, args.duration)
+        run_protocols(args.size, args.duration, args.rounds)
         return
     headers = {"Content-Type": "application/json", "Cache-Control": NO_STORE}
     if args.auth:
@@ -555,16 +555,21 @@ def cog_row(jpeg: bytes) -> ProtocolRow:
     )
 
 
-def run_protocols(size: int, duration: float) -> None:
+def run_protocols(size: int, duration: float, rounds: int = 1) -> None:
+    """Every row in turn, `rounds` times over; each figure the median of its rounds
+    (other work on the machine moves one run's req/s by tens of percent)."""
     rows = protocol_rows(size)
     headers = {"Content-Type": "application/json", "Cache-Control": NO_STORE}
-    results: dict[tuple[str, int], Result] = {}
+    runs: dict[tuple[str, int], list[Result]] = {}
     with tempfile.TemporaryDirectory() as tmp, protocol_servers(rows, Path(tmp)) as target:
-        for row in rows:
-            body = {**BODY, "model": row.name, "response_format": row.response_format}
-            for conc in (1, 16):
-                results[row.name, conc] = load(target, conc, duration, headers, body)
-    report_protocols(rows, results, size, duration)
+        for _ in range(rounds):
+            for row in rows:
+                body = {**BODY, "model": row.name, "response_format": row.response_format}
+                for conc in (1, 16):
+                    result = load(target, conc, duration, headers, body)
+                    runs.setdefault((row.name, conc), []).append(result)
+    results = {key: _median(found) for key, found in runs.items()}
+    report_protocols(rows, results, size, duration, rounds)
 
 
 @contextmanager
@@ -634,9 +639,13 @@ def report_protocols(
     results: Mapping[tuple[str, int], Result],
     size: int,
     duration: float,
+    rounds: int = 1,
 ) -> None:
     tool = "wrk" if shutil.which("wrk") else "aiohttp client"
-    print(f"image {size}x{size}  load={tool}  duration={duration}s per run; static upstreams\n")
+    print(
+        f"image {size}x{size}  load={tool}  duration={duration}s per run, medians of "
+        f"{rounds} round(s); static upstreams\n"
+    )
     print(
         f"{'row':<13} {'protocol':<19} {'image':<25} {'KB':>5} {'c=16 req/s':>10} "
         f"{'x friendli':>10} {'cpu us/req':>10} {'x':>5} {'p50 c=1':>8}"
