@@ -101,20 +101,22 @@ def blank_png_text(encoded: bytes) -> bytes:
     from the signature to an IEND chunk that ends the file.
 
     Why in place, in base64: only the chunks' 8-byte heads and the blanked chunks are
-    decoded and re-encoded (a few base64 quanta each), so the cost is the number of
-    chunks, not the image's bytes; removing a chunk would shift every byte after it,
-    and then its base64 all had to be written anew (~7 ns a byte, 7x a passthrough
-    for a 766 KB PNG, bench/README.md). The blank keeps its length: the length of the
-    text it replaced is all that is left of it."""
+    decoded and re-encoded (a few base64 quanta each), and the rest is copied once, so
+    the cost is the number of chunks and one copy, not a decode and an encode of every
+    byte; removing a chunk would shift every byte after it, and then its base64 all
+    had to be written anew (~7x a passthrough for a 766 KB PNG, bench/README.md). The
+    blank keeps its length: the length of the text it replaced is all that is left."""
     if len(encoded) % 4:
         raise BadImage(f"with an image that is not base64 (length {len(encoded)}, not 4n)")
     size = len(encoded) // 4 * 3 - encoded[-2:].count(b"=")
-    patched: bytearray | None = None  # a copy, made at the first chunk to blank
+    blanks: list[tuple[int, bytes]] = []  # (where in the image, the bytes that go there)
     at = len(_SIGNATURES["PNG"])
     while True:
         if at + 12 > size:
             raise BadImage("with a PNG cut short (no IEND chunk)")
-        head = _b64_read(encoded if patched is None else patched, at, 8)
+        # Blanking a chunk changes only its own type, data and CRC: the next chunk's
+        # head reads the same from the original text.
+        head = _b64_read(encoded, at, 8)
         length, kind = int.from_bytes(head[:4], "big"), head[4:]
         end = at + 12 + length  # length, type, data, CRC
         if end > size:
@@ -122,12 +124,10 @@ def blank_png_text(encoded: bytes) -> bytes:
         if kind == b"IEND":
             if end != size:
                 raise BadImage("with bytes after the PNG's IEND chunk")
-            return encoded if patched is None else bytes(patched)
+            return _patched(encoded, blanks) if blanks else encoded
         if kind in _PNG_TEXT:
-            if patched is None:
-                patched = bytearray(encoded)
             blank = PNG_BLANK + bytes(length)
-            _b64_write(patched, at + 4, blank + zlib.crc32(blank).to_bytes(4, "big"))
+            blanks.append((at + 4, blank + zlib.crc32(blank).to_bytes(4, "big")))
         at = end
 
 
@@ -136,7 +136,7 @@ def _quanta(start: int, count: int) -> tuple[int, int]:
     return start // 3 * 4, -(-(start + count) // 3) * 4
 
 
-def _b64_read(encoded: bytes | bytearray, start: int, count: int) -> bytes:
+def _b64_read(encoded: bytes, start: int, count: int) -> bytes:
     first, last = _quanta(start, count)
     try:
         raw = binascii.a2b_base64(encoded[first:last], strict_mode=True)
@@ -146,14 +146,25 @@ def _b64_read(encoded: bytes | bytearray, start: int, count: int) -> bytes:
     return raw[at : at + count]
 
 
-def _b64_write(encoded: bytearray, start: int, data: bytes) -> None:
-    """Image bytes [start, start + len(data)) become `data`: the same number of bytes,
-    so the same number of base64 characters, rewritten in place."""
-    first, last = _quanta(start, len(data))
-    raw = bytearray(binascii.a2b_base64(encoded[first:last], strict_mode=True))
-    at = start - first // 4 * 3
-    raw[at : at + len(data)] = data
-    encoded[first:last] = binascii.b2a_base64(raw, newline=False)
+def _patched(encoded: bytes, blanks: list[tuple[int, bytes]]) -> bytes:
+    """`encoded` with image bytes [start, start + len(data)) replaced by `data` for
+    each blank, in order: the same number of bytes, so the same number of base64
+    characters. Two blanks never share a quantum: the next chunk's 4 length bytes,
+    untouched, lie between them. The text between blanks is copied once, into the
+    result."""
+    view, pieces, done = memoryview(encoded), list[bytes | memoryview](), 0
+    for start, data in blanks:
+        first, last = _quanta(start, len(data))
+        try:
+            raw = bytearray(binascii.a2b_base64(view[first:last], strict_mode=True))
+        except binascii.Error as exc:
+            raise BadImage(f"with an image that is not base64 ({exc})") from None
+        at = start - first // 4 * 3
+        raw[at : at + len(data)] = data
+        pieces += [view[done:first], binascii.b2a_base64(raw, newline=False)]
+        done = last
+    pieces.append(view[done:])
+    return b"".join(pieces)
 
 
 def _strip_jpeg(jpeg: bytes) -> bytes:
@@ -206,7 +217,7 @@ def image_response(
     `jpeg`, PNG for `raw`; re-encoded only when `image` is in the other format."""
     if sniff(image) != FORMATS[response_format].name:
         image = _reencode(image, response_format, jpeg_quality=jpeg_quality, worker=worker)
-    return _checked(b'{"image":"' + base64.b64encode(image) + b'"}', response_format, worker)
+    return _checked(_body(base64.b64encode(image)), response_format, worker)
 
 
 def b64_image_response(
@@ -215,7 +226,7 @@ def b64_image_response(
     """As `image_response`, from the image's base64 text: passed through as it is
     when it already holds the format asked (the answer check still reads it whole)."""
     if sniff_b64(encoded) == FORMATS[response_format].name:
-        return _checked(b'{"image":"' + encoded + b'"}', response_format, worker)
+        return _checked(_body(encoded), response_format, worker)
     try:
         image = base64.b64decode(encoded, validate=True)
     except binascii.Error as exc:
@@ -228,7 +239,7 @@ async def to_answer(
 ) -> bytes:
     """`b64_image_response`, with the decode and re-encode (if any) in a thread."""
     if sniff_b64(encoded) == FORMATS[response_format].name:
-        return _checked(b'{"image":"' + encoded + b'"}', response_format, worker)
+        return _checked(_body(encoded), response_format, worker)
     return await asyncio.to_thread(
         b64_image_response, encoded, response_format, jpeg_quality=jpeg_quality, worker=worker
     )
@@ -281,6 +292,11 @@ def _decode(image: bytes) -> Image.Image:
             what = f"a {kind} that does not decode" if kind else "an image of no known format"
             raise BadImage(f"with {what}") from None
     return picture
+
+
+def _body(encoded: bytes) -> bytes:
+    # One join, one copy of a megabyte: `a + b + c` would make two.
+    return b"".join((b'{"image":"', encoded, b'"}'))
 
 
 def _checked(body: bytes, response_format: ResponseFormat, worker: str) -> bytes:
