@@ -3,7 +3,7 @@
     python -m bench.overhead [--upstream static|sim] [--duration 5] [--auth]
                              [--baseline DIR] [--rounds N]
     python -m bench.overhead --check-only
-    python -m bench.overhead --protocols [--duration 5]
+    python -m bench.overhead --protocols [--duration 5] [--rounds N]
 
 Starts an upstream on loopback (a static responder that costs almost no CPU, or the
 sim worker with zero delay), the real gateway under uvicorn in front of it, then loads
@@ -24,10 +24,12 @@ body, against what a full check would cost (json.loads + a strict base64 decode)
 
 `--protocols` prices each worker protocol's translation in one run: one gateway with a
 pool per row, each pool in front of a static upstream answering that protocol's shape
-(the same 640x640 picture), loaded in turn at concurrency 1 and 16. Each row is printed
-as a ratio to the friendli-container passthrough: an image in the format asked passes
-through (sliced out of the answer, checked, metadata stripped for a1111), one in the
-other format is decoded and re-encoded (what a1111's PNG costs a client asking JPEG).
+(the same 640x640 picture; ComfyUI's and Cog's answers per route, precomputed:
+/prompt, /history/{id}, /view, /queue, /system_stats; /predictions, /health-check),
+loaded in turn at concurrency 1 and 16. Each row is printed as a ratio to the
+friendli-container passthrough: an image in the format asked passes through (sliced
+out of the answer, checked, text chunks blanked for a1111), one in the other format is
+decoded and re-encoded (what a1111's or ComfyUI's PNG costs a client asking JPEG).
 
 `--baseline DIR` prices a change in one run: DIR is another checkout of the gateway
 (`git worktree add /tmp/old <commit>`), served by a second gateway process on the
@@ -54,7 +56,7 @@ import time
 import timeit
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import aiohttp
@@ -107,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         report_check(image_response(args.size))
         return
     if args.protocols:
-        run_protocols(args.size, args.duration)
+        run_protocols(args.size, args.duration, args.rounds)
         return
     headers = {"Content-Type": "application/json", "Cache-Control": NO_STORE}
     if args.auth:
@@ -424,9 +426,20 @@ def _us(value: float | None) -> str:
 class ProtocolRow:
     name: str
     protocol: str
-    answer: bytes  # what the static upstream answers every request with
+    answer: bytes | None  # what the static upstream answers every request with, or
     response_format: str  # what the client asks for
     path: str  # what the gateway does with the image
+    # "METHOD /path" -> (body, content type): each route its own answer (servers that
+    # answer in several exchanges); what no route matches gets `answer`, else a 404.
+    routes: Mapping[str, tuple[bytes, str]] = field(default_factory=dict)
+    settings: str = ""  # the pool's protocol block, YAML
+    ready_path: str = "/health"  # a route the static upstream answers 200
+
+    @property
+    def image_kb(self) -> float:
+        """The size of the answer that carries the image."""
+        sizes = [len(body) for body, _ in self.routes.values()]
+        return max([len(self.answer or b""), *sizes]) / 1000
 
 
 def protocol_rows(size: int) -> list[ProtocolRow]:
@@ -435,6 +448,7 @@ def protocol_rows(size: int) -> list[ProtocolRow]:
     jpeg = draw_picture(drawing)
     infotext = "a red fox in the snow\nSteps: 20, Sampler: Euler, Seed: 7, Version: v1.10.1"
     png = draw_picture(replace(drawing, image_format="PNG", text=(("parameters", infotext),)))
+    plain_png = draw_picture(replace(drawing, image_format="PNG"))  # SaveImage's: no text
 
     def openai(image: bytes) -> bytes:
         item = {"b64_json": base64.b64encode(image).decode(), "url": None, "revised_prompt": None}
@@ -448,25 +462,114 @@ def protocol_rows(size: int) -> list[ProtocolRow]:
         }
     ).encode()
     friendli = b'{"image":"' + base64.b64encode(jpeg) + b'"}'
+    friendli_png = b'{"image":"' + base64.b64encode(png) + b'"}'
     return [
         ProtocolRow("friendli", "friendli-container", friendli, "jpeg", "passthrough"),
+        # The PNG's bytes passed through: what a1111's and comfyui's PNG rows cost
+        # for their size alone.
+        ProtocolRow("friendli-png", "friendli-container", friendli_png, "raw", "passthrough, PNG"),
         ProtocolRow("openai", "openai-images", openai(jpeg), "jpeg", "sliced, checked"),
         ProtocolRow("openai-reenc", "openai-images", openai(png), "jpeg", "PNG -> JPEG"),
-        ProtocolRow("a1111", "a1111", a1111, "raw", "PNG, metadata stripped"),
+        ProtocolRow("a1111", "a1111", a1111, "raw", "PNG, text blanked"),
         ProtocolRow("a1111-reenc", "a1111", a1111, "jpeg", "PNG -> JPEG"),
+        *comfyui_rows(plain_png),
+        cog_row(jpeg),
     ]
 
 
-def run_protocols(size: int, duration: float) -> None:
+COMFYUI_WORKFLOW = Path(__file__).resolve().parent.parent / "examples" / "comfyui-sd15-lora.json"
+_PROMPT_ID = "9f2b4c1e-7d3a-4e5b-8c6f-0a1b2c3d4e5f"
+_JSON = "application/json"
+
+
+def comfyui_rows(png: bytes) -> list[ProtocolRow]:
+    """ComfyUI's exchanges as its server.py answers them: /prompt queues, /history/{id}
+    holds the finished prompt, /view the PNG that SaveImage wrote; /system_stats and
+    /queue for the gateway's probes. The first poll comes after 1 ms (poll_first_s),
+    so each request is three exchanges, not a wait."""
+    workflow = json.loads(COMFYUI_WORKFLOW.read_text())
+    image = {"filename": "gateway_00001_.png", "subfolder": "", "type": "output"}
+    entry = {
+        "prompt": [0, _PROMPT_ID, workflow, {"client_id": "bench"}, ["9"]],
+        "outputs": {"9": {"images": [image]}},
+        "status": {
+            "status_str": "success",
+            "completed": True,
+            "messages": [
+                ["execution_start", {"prompt_id": _PROMPT_ID, "timestamp": 1}],
+                ["execution_success", {"prompt_id": _PROMPT_ID, "timestamp": 2}],
+            ],
+        },
+        "meta": {"9": {"node_id": "9", "display_node": "9", "real_node_id": "9"}},
+    }
+    stats = {
+        "system": {"os": "posix", "comfyui_version": "0.3.40", "python_version": "3.12"},
+        "devices": [{"name": "cuda:0 NVIDIA H100", "type": "cuda", "index": 0}],
+    }
+    routes = {
+        "POST /prompt": (
+            json.dumps({"prompt_id": _PROMPT_ID, "number": 0, "node_errors": {}}).encode(),
+            _JSON,
+        ),
+        "GET /history/*": (json.dumps({_PROMPT_ID: entry}).encode(), _JSON),
+        "GET /view": (png, "image/png"),
+        "GET /queue": (b'{"queue_running": [], "queue_pending": []}', _JSON),
+        "GET /system_stats": (json.dumps(stats).encode(), _JSON),
+    }
+    settings = (
+        f"    comfyui: {{workflow: '{COMFYUI_WORKFLOW}', prompt_node: '6', sampler_node: '3',"
+        " lora_node: '10', output_node: '9', poll_first_s: 0.001}\n"
+    )
+    row = ProtocolRow(
+        "comfyui", "comfyui", None, "raw", "3 exchanges, PNG", routes, settings, "/system_stats"
+    )
+    return [row, replace(row, name="comfyui-reenc", response_format="jpeg", path="... -> JPEG")]
+
+
+def cog_row(jpeg: bytes) -> ProtocolRow:
+    """Cog's synchronous prediction (python/cog/server/http.py; coglet's routes.rs): the
+    output a list of data URLs, as Replicate's SDXL image answers."""
+    prediction = {
+        "id": "bench0000000000000000000000",
+        "input": {"prompt": "a red fox in the snow", "seed": 7, "output_format": "jpg"},
+        "output": ["data:image/jpeg;base64," + base64.b64encode(jpeg).decode()],
+        "logs": "",
+        "error": None,
+        "status": "succeeded",
+        "created_at": "2026-12-01T00:00:00.000000+00:00",
+        "started_at": "2026-12-01T00:00:00.000000+00:00",
+        "completed_at": "2026-12-01T00:00:01.000000+00:00",
+        "metrics": {"predict_time": 1.0},
+    }
+    health = {
+        "status": "READY",
+        "setup": {"status": "succeeded", "logs": "", "started_at": "", "completed_at": ""},
+        "version": {"cog": "0.16.8", "python": "3.12"},
+    }
+    routes = {
+        "POST /predictions": (json.dumps(prediction).encode(), _JSON),
+        "GET /health-check": (json.dumps(health).encode(), _JSON),
+    }
+    return ProtocolRow(
+        "cog", "cog", None, "jpeg", "data URL parsed", routes=routes, ready_path="/health-check"
+    )
+
+
+def run_protocols(size: int, duration: float, rounds: int = 1) -> None:
+    """Every row in turn, `rounds` times over; each figure the median of its rounds
+    (other work on the machine moves one run's req/s by tens of percent)."""
     rows = protocol_rows(size)
     headers = {"Content-Type": "application/json", "Cache-Control": NO_STORE}
-    results: dict[tuple[str, int], Result] = {}
+    runs: dict[tuple[str, int], list[Result]] = {}
     with tempfile.TemporaryDirectory() as tmp, protocol_servers(rows, Path(tmp)) as target:
-        for row in rows:
-            body = {**BODY, "model": row.name, "response_format": row.response_format}
-            for conc in (1, 16):
-                results[row.name, conc] = load(target, conc, duration, headers, body)
-    report_protocols(rows, results, size, duration)
+        for _ in range(rounds):
+            for row in rows:
+                body = {**BODY, "model": row.name, "response_format": row.response_format}
+                for conc in (1, 16):
+                    result = load(target, conc, duration, headers, body)
+                    runs.setdefault((row.name, conc), []).append(result)
+    results = {key: _median(found) for key, found in runs.items()}
+    report_protocols(rows, results, size, duration, rounds)
 
 
 @contextmanager
@@ -476,21 +579,17 @@ def protocol_servers(rows: Sequence[ProtocolRow], tmp: Path) -> Iterator[Target]
     cores = os.cpu_count() or 1
     gateway_cpu = ["taskset", "-c", "0"] if cores >= 2 and shutil.which("taskset") else []
     other_cpu = ["taskset", "-c", f"1-{cores - 1}"] if gateway_cpu else []
-    pools, adapters, procs = [], [], []
+    urls: list[str] = []
+    procs = []
     try:
         for row in rows:
-            port, answer = _free_port(), tmp / f"{row.name}.json"
-            answer.write_bytes(row.answer)
-            cmd = [sys.executable, "-m", "bench.static_upstream", "--body-file", str(answer)]
+            port = _free_port()
+            cmd = [sys.executable, "-m", "bench.static_upstream", *_upstream_args(row, tmp)]
             procs.append(subprocess.Popen([*other_cpu, *cmd, "--port", str(port)]))
-            pools.append(
-                f"  {row.name}:\n    protocol: {row.protocol}\n    workers:\n"
-                f"      - {{url: 'http://127.0.0.1:{port}', max_concurrency: 1000}}\n"
-            )
-            adapters.append(f"  - {{name: {row.name}, pool: {row.name}}}\n")
-            wait_healthy(f"http://127.0.0.1:{port}", proc=procs[-1])
+            urls.append(f"http://127.0.0.1:{port}")
+            wait_healthy(urls[-1], proc=procs[-1], path=row.ready_path)
         config = tmp / "adapters.yaml"
-        config.write_text("pools:\n" + "".join(pools) + "adapters:\n" + "".join(adapters))
+        config.write_text(protocols_registry(rows, urls))
         port = _free_port()
         cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
         procs.append(
@@ -504,16 +603,51 @@ def protocol_servers(rows: Sequence[ProtocolRow], tmp: Path) -> Iterator[Target]
             stop(proc)
 
 
+def protocols_registry(rows: Sequence[ProtocolRow], urls: Sequence[str]) -> str:
+    """adapters.yaml: a pool per row, its one worker at the url given, and an adapter
+    named as the row."""
+    pools = [
+        f"  {row.name}:\n    protocol: {row.protocol}\n{row.settings}    workers:\n"
+        f"      - {{url: '{url}', max_concurrency: 1000}}\n"
+        for row, url in zip(rows, urls, strict=True)
+    ]
+    adapters = [f"  - {{name: {row.name}, pool: {row.name}}}\n" for row in rows]
+    return "pools:\n" + "".join(pools) + "adapters:\n" + "".join(adapters)
+
+
+def _upstream_args(row: ProtocolRow, tmp: Path) -> list[str]:
+    """bench.static_upstream's arguments for `row`: its files written under `tmp`."""
+    args = []
+    if row.answer is not None:
+        answer = tmp / f"{row.name}.json"
+        answer.write_bytes(row.answer)
+        args += ["--body-file", str(answer)]
+    if row.routes:
+        table = {}
+        for i, (route, (body, kind)) in enumerate(row.routes.items()):
+            file = tmp / f"{row.name}.{i}"
+            file.write_bytes(body)
+            table[route] = [str(file), kind]
+        routes = tmp / f"{row.name}.routes.json"
+        routes.write_text(json.dumps(table))
+        args += ["--routes", str(routes)]
+    return args
+
+
 def report_protocols(
     rows: Sequence[ProtocolRow],
     results: Mapping[tuple[str, int], Result],
     size: int,
     duration: float,
+    rounds: int = 1,
 ) -> None:
     tool = "wrk" if shutil.which("wrk") else "aiohttp client"
-    print(f"image {size}x{size}  load={tool}  duration={duration}s per run; static upstreams\n")
     print(
-        f"{'row':<13} {'protocol':<19} {'image':<23} {'KB':>5} {'c=16 req/s':>10} "
+        f"image {size}x{size}  load={tool}  duration={duration}s per run, medians of "
+        f"{rounds} round(s); static upstreams\n"
+    )
+    print(
+        f"{'row':<13} {'protocol':<19} {'image':<25} {'KB':>5} {'c=16 req/s':>10} "
         f"{'x friendli':>10} {'cpu us/req':>10} {'x':>5} {'p50 c=1':>8}"
     )
     base = results["friendli", 16]
@@ -522,14 +656,10 @@ def report_protocols(
         cpu = "" if r16.cpu_us is None else f"{r16.cpu_us:.0f}"
         cpu_x = f"{r16.cpu_us / base.cpu_us:.1f}" if r16.cpu_us and base.cpu_us else ""
         print(
-            f"{row.name:<13} {row.protocol:<19} {row.path:<23} {len(row.answer) / 1000:>5.0f} "
+            f"{row.name:<13} {row.protocol:<19} {row.path:<25} {row.image_kb:>5.0f} "
             f"{r16.rps:>10.0f} {r16.rps / base.rps:>10.2f} {cpu:>10} {cpu_x:>5} "
             f"{r1.p50_ms:>8.2f}"
         )
-
-
-if __name__ == "__main__":
-    main()
 
 
 def _free_port() -> int:
@@ -540,3 +670,7 @@ def _free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+if __name__ == "__main__":
+    main()

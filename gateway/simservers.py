@@ -22,6 +22,10 @@ PNG, as ComfyUI's SaveImage writes them.
     GET /history/{id}  {} until done; then {id: {"prompt", "outputs", "status"}}
     GET /view          ?filename&subfolder&type=output -> the PNG
     GET /queue         {"queue_running": [...], "queue_pending": [...]}
+    POST /queue        {"delete": [id, ...]} takes waiting prompts out (a running one
+                       stays), {"clear": true} all of them -> 200, empty
+    POST /interrupt    {"prompt_id": id} stops that prompt if it runs (no id: whichever
+                       runs); it ends in history with status "error" -> 200, empty
     GET /system_stats  {"system": {...}, "devices": [...]}
 """
 
@@ -174,6 +178,8 @@ class SimComfyUI:
         self.history: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.files: OrderedDict[str, bytes] = OrderedDict()
         self.tasks: set[asyncio.Task[None]] = set()
+        self.drawing: dict[str, asyncio.Future[bytes]] = {}  # the running prompts' GPU work
+        self.interrupted: set[str] = set()
 
     async def prompt(self, request: Request) -> Response:
         try:
@@ -199,14 +205,16 @@ class SimComfyUI:
         self, prompt_id: str, item: list[Any], job: ImageGenerationBody, output: str
     ) -> None:
         async with self.worker.gpu:
+            if prompt_id not in self.pending:
+                return  # deleted while it waited (POST /queue): it never runs
             self.running[prompt_id] = self.pending.pop(prompt_id)
             try:
-                failed = self.worker.fails()
-                image = (
-                    None
-                    if failed
-                    else await self.worker.draw_held(drawing_for(job, self.worker.config.size))
-                )
+                image = None if self.worker.fails() else await self._draw(prompt_id, job)
+            except asyncio.CancelledError:
+                if prompt_id not in self.interrupted:
+                    raise  # the server stopping, not POST /interrupt
+                self._interrupted(prompt_id, item, output)
+                return
             finally:
                 self.running.pop(prompt_id, None)
         if image is None:
@@ -242,6 +250,48 @@ class SimComfyUI:
             ],
         }
         self._done(prompt_id, item, {output: images}, status)
+
+    async def _draw(self, prompt_id: str, job: ImageGenerationBody) -> bytes:
+        drawing = asyncio.ensure_future(
+            self.worker.draw_held(drawing_for(job, self.worker.config.size))
+        )
+        self.drawing[prompt_id] = drawing
+        try:
+            return await drawing
+        finally:
+            self.drawing.pop(prompt_id, None)
+
+    def _interrupted(self, prompt_id: str, item: list[Any], output: str) -> None:
+        # execution.py's shape for a prompt stopped by /interrupt.
+        stopped = {"prompt_id": prompt_id, "node_id": output, "node_type": "KSampler"}
+        status = {
+            "status_str": "error",
+            "completed": False,
+            "messages": [
+                ["execution_start", {"prompt_id": prompt_id}],
+                ["execution_interrupted", {**stopped, "executed": []}],
+            ],
+        }
+        self._done(prompt_id, item, {}, status)
+
+    async def post_queue(self, request: Request) -> Response:
+        body = await _json_body(request)
+        doomed = list(self.pending) if body.get("clear") else []
+        delete = body.get("delete")
+        doomed += [str(i) for i in delete] if isinstance(delete, list) else []
+        for prompt_id in doomed:
+            if self.pending.pop(prompt_id, None) is not None:
+                self.worker.stats.queue_deletes += 1
+        return Response(status_code=200)
+
+    async def interrupt(self, request: Request) -> Response:
+        wanted = (await _json_body(request)).get("prompt_id")
+        for prompt_id, drawing in list(self.drawing.items()):
+            if wanted in (None, prompt_id):
+                self.interrupted.add(prompt_id)
+                self.worker.stats.interrupts += 1
+                drawing.cancel()
+        return Response(status_code=200)
 
     def _done(
         self, prompt_id: str, item: list[Any], outputs: dict[str, Any], status: dict[str, Any]
@@ -281,6 +331,16 @@ class SimComfyUI:
                 "devices": [{"name": "simulated", "type": "cpu", "index": 0}],
             }
         )
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    """The request's JSON object; {} for none or another shape (server.py reads
+    /interrupt's body the same way)."""
+    try:
+        data = json.loads(await request.body() or b"{}")
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _read_workflow(
@@ -357,6 +417,8 @@ def routes_for(protocol: str, worker: SimWorker) -> list[Route]:
         Route("/history/{prompt_id}", comfy.get_history, methods=["GET"]),
         Route("/view", comfy.view, methods=["GET"]),
         Route("/queue", comfy.queue, methods=["GET"]),
+        Route("/queue", comfy.post_queue, methods=["POST"]),
+        Route("/interrupt", comfy.interrupt, methods=["POST"]),
         Route("/system_stats", comfy.system_stats, methods=["GET"]),
     ]
 

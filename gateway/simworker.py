@@ -94,6 +94,8 @@ class SimStats:
     max_in_flight: int = 0
     requests_by_adapter: dict[str, int] = field(default_factory=dict)
     probes: int = 0  # status-route reads (A1111's progress), for probe tests
+    queue_deletes: int = 0  # ComfyUI: waiting prompts taken out with POST /queue
+    interrupts: int = 0  # ComfyUI: running prompts stopped with POST /interrupt
 
 
 class SimWorker:

@@ -14,8 +14,10 @@ they would load whatever LoRA the client names, past the registry and its API ke
 
 The server encodes images in its `samples_format` (PNG unless set otherwise) and writes
 the generation parameters into them (prompt, model name and hash, its version): an
-image of the format asked passes with that metadata stripped, pixels untouched;
-another is re-encoded (which drops it too).
+image of the format asked passes with that metadata gone, pixels untouched (a PNG's
+text chunks blanked where they stand, in its base64: no decode of the whole image; a
+JPEG's Exif and comment segments cut out); another is re-encoded (which drops it too).
+A PNG whose chunks do not parse is a bad answer.
 
 Seeds: -1 (and a missing seed) is "random" to A1111, 0 is a seed like any other, so
 the request's seed (0..2**32-1) is sent as it is. A server runs one job at a time (its
@@ -40,12 +42,14 @@ from gateway.errors import UpstreamError, UpstreamRejected
 from gateway.protocols.call import Call, Probe
 from gateway.protocols.http import post_json, probe_get, refusal
 from gateway.protocols.imaging import (
+    BadImage,
     b64_image_response,
     bad_answer,
+    blank_png_text,
     parse_json,
     sniff_b64,
     string_at,
-    strip_metadata,
+    strip_jpeg_metadata,
 )
 from gateway.registry import A1111Settings, AdapterSpec, PoolSpec
 from gateway.schema import ResponseFormat, WorkerRequest
@@ -82,6 +86,9 @@ class A1111:
         if answer.status != 200:
             raise refusal(answer, call.worker)
         encoded = first_image(answer.body, call.worker)
+        if sniff_b64(encoded) == "PNG" and job.response_format == "raw":
+            # Blanking a PNG's text costs per chunk, not per byte: the loop can take it.
+            return client_body(encoded, job.response_format, pool.jpeg_quality, call.worker)
         return await asyncio.to_thread(
             client_body, encoded, job.response_format, pool.jpeg_quality, call.worker
         )
@@ -172,11 +179,18 @@ def client_body(
     encoded: bytes, response_format: ResponseFormat, jpeg_quality: int, worker: str
 ) -> bytes:
     """The client's body: the server's image without its metadata when it is in the
-    format asked, re-encoded otherwise (gateway.protocols.imaging)."""
-    if sniff_b64(encoded) == FORMATS[response_format].name:
+    format asked (a PNG's text chunks blanked in place, a JPEG's segments cut out),
+    re-encoded otherwise (gateway.protocols.imaging)."""
+    kind = sniff_b64(encoded)
+    if kind == FORMATS[response_format].name == "PNG":
+        try:
+            encoded = blank_png_text(encoded)
+        except BadImage as exc:
+            raise bad_answer(worker, str(exc)) from None
+    elif kind == FORMATS[response_format].name:
         try:
             image = base64.b64decode(encoded, validate=True)
         except binascii.Error as exc:
             raise bad_answer(worker, f"with an image that is not base64 ({exc})") from None
-        encoded = base64.b64encode(strip_metadata(image))
+        encoded = base64.b64encode(strip_jpeg_metadata(image))
     return b64_image_response(encoded, response_format, jpeg_quality=jpeg_quality, worker=worker)

@@ -10,7 +10,8 @@ python/cog/server/http.py; since, crates/coglet/src/transport/http/routes.rs):
     200 {"status": "succeeded", "output": ...}     the image, as a data URL
     200 {"status": "failed", "error": ...}         run() raised: Cause.JOB_FAILED (the
                                                    model's words are not shown: they
-                                                   may name files and devices)
+                                                   may name files and devices; they
+                                                   are logged, for the operators)
     409 {"error": "At capacity ...", ...}          every slot in use: Cause.BUSY
     422 {"detail": [{"loc", "msg", "type"}]}       bad input: the client's 422
     503 {"error": ..., "status": "failed"}         setup not done: Cause.HTTP_503
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,7 +41,12 @@ from gateway.protocols.imaging import to_answer
 from gateway.registry import AdapterSpec, CogSettings, PoolSpec
 from gateway.schema import WorkerRequest
 
+log = logging.getLogger(__name__)
+
 _HEALTH: Mapping[str, Probe] = {"READY": "ok", "BUSY": "busy"}
+# A failed prediction's `error` as logged: str(exception) of the model's run(), which
+# can be a whole traceback or a model's dump of its inputs; this much is the reason.
+MAX_LOGGED_ERROR = 1000
 
 
 class Cog:
@@ -143,6 +150,7 @@ def output_image(body: bytes, worker: str) -> bytes:
         raise _bad(worker, "with JSON that is not a prediction")
     status = data.get("status")
     if status in ("failed", "canceled"):
+        _log_failure(worker, str(status), data.get("error"))
         raise UpstreamError(Cause.JOB_FAILED, f"worker {worker}", f"prediction {status}")
     if status != "succeeded":
         raise _bad(worker, f"with a prediction in status {str(status)[:20]!r}")
@@ -157,6 +165,16 @@ def output_image(body: bytes, worker: str) -> bytes:
     if not (head.startswith("data:") and head.endswith(";base64") and comma):
         raise _bad(worker, "with an output that is not a base64 data URL")
     return payload.encode("ascii", "replace")
+
+
+def _log_failure(worker: str, status: str, error: Any) -> None:
+    """Why the model failed, for the operators (the client's detail never has it): on
+    one line, at most MAX_LOGGED_ERROR characters."""
+    text = " ".join(str(error).split()) if error else "(no error text)"
+    if len(text) > MAX_LOGGED_ERROR:
+        text = text[:MAX_LOGGED_ERROR] + f"... ({len(text) - MAX_LOGGED_ERROR} more characters)"
+    fields = {"worker": worker, "status": status}
+    log.warning("cog: prediction %s: %s", status, text, extra={"fields": fields})
 
 
 def health(body: bytes) -> Probe:

@@ -25,6 +25,15 @@ inputs; an adapter with no LoRA (the base model) takes the LoRA node out of the 
 whatever read its MODEL (output 0) and CLIP (output 1) reads the node's own `model`
 and `clip` inputs instead, as a LoraLoader at strength 0 would, without a file to load.
 
+A try that ends before its prompt's history entry does (its deadline passed, the
+client went away, /history answered garbage) leaves the prompt on the worker, where it
+would hold the GPU for an image nobody takes. So it is taken off, in a task of its own
+that the client's answer never waits for, within CLEANUP_S: `POST /queue {"delete":
+[id]}` (server.py takes a waiting prompt out; a running one stays), then, if `GET
+/queue` shows it running, `POST /interrupt {"prompt_id": id}` (server.py since 2025
+interrupts only that prompt; an older one interrupts whatever runs, which was ours a
+moment before). What it did, or why it could not, is logged.
+
 Health: `GET /system_stats` answers 200 (down otherwise); then `GET /queue`: more than
 `busy_queue` prompts pending is "busy". ComfyUI queues every prompt it accepts, so a
 try never meets a "busy" answer: the balancer's slots keep its queue short.
@@ -33,9 +42,9 @@ try never meets a "busy" answer: the balancer's slots keep its queue short.
 from __future__ import annotations
 
 import asyncio
-import copy
 import hashlib
 import json
+import logging
 import math
 import re
 import uuid
@@ -61,14 +70,23 @@ from gateway.protocols.imaging import bytes_to_answer
 from gateway.registry import AdapterSpec, ComfyuiSettings, PoolSpec
 from gateway.schema import WorkerRequest
 
+log = logging.getLogger(__name__)
+
 _JSON_MAX_BYTES = 4 * 2**20  # a history entry repeats the workflow; 4 MiB is ample
 _PROMPT_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+# The most the removal of an abandoned prompt may take, all exchanges together: past
+# it the worker is too slow to answer a queue edit, and the prompt runs its course.
+CLEANUP_S = 5.0
 
 
 class ComfyUI:
     name = "comfyui"
     takes_control_images = False
     deterministic_seeds = True
+
+    def __init__(self) -> None:
+        # Removals under way; held here so that the loop does not drop them half done.
+        self.cleanups: set[asyncio.Task[None]] = set()
 
     async def generate(self, call: Call) -> bytes:
         settings = _settings(call.pool)
@@ -90,7 +108,11 @@ class ComfyUI:
         if answer.status != 200:
             raise refusal(answer, call.worker)
         prompt_id = queued_id(answer.body, call.worker)
-        entry = await self._finished(call, settings, prompt_id, deadline)
+        try:
+            entry = await self._finished(call, settings, prompt_id, deadline)
+        except BaseException:  # a timeout, an error, or this task cancelled
+            self._abandon(call, prompt_id)
+            raise
         where = output_image(entry, settings.output_node, call.worker)
         image = await self._view(call, where, deadline)
         return await bytes_to_answer(
@@ -118,6 +140,12 @@ class ComfyUI:
             if entry is not None:
                 return entry
             wait = min(wait * 2, settings.poll_max_s)
+
+    def _abandon(self, call: Call, prompt_id: str) -> None:
+        where = (call.session, call.base_url, call.worker, call.headers)
+        task = asyncio.get_running_loop().create_task(abandon(*where, prompt_id))
+        self.cleanups.add(task)
+        task.add_done_callback(self.cleanups.discard)
 
     async def _view(self, call: Call, where: Mapping[str, str], deadline: float) -> bytes:
         answer = await get_json(
@@ -183,6 +211,81 @@ class ComfyUI:
         return "comfyui:" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+async def abandon(
+    session: aiohttp.ClientSession,
+    base_url: str,
+    worker: str,
+    headers: Mapping[str, str],
+    prompt_id: str,
+) -> None:
+    """Take a prompt that no try waits for any more off the worker: out of its queue,
+    or interrupted if it runs. Best effort, within CLEANUP_S; never raises."""
+    timeout = aiohttp.ClientTimeout(total=CLEANUP_S)
+
+    refused: list[str] = []  # what the worker did not answer 200 to
+
+    async def post(route: str, body: Mapping[str, Any]) -> None:
+        answer = await post_json(
+            session,
+            base_url + route,
+            body,
+            worker=worker,
+            timeout=timeout,
+            headers=headers,
+            max_bytes=_JSON_MAX_BYTES,
+        )
+        if answer.status != 200:
+            refused.append(f"POST {route}: HTTP {answer.status}")
+
+    fields = {"worker": worker, "prompt_id": prompt_id}
+    try:
+        async with asyncio.timeout(CLEANUP_S):
+            await post("/queue", {"delete": [prompt_id]})
+            queue = await get_json(
+                session,
+                base_url + "/queue",
+                worker=worker,
+                timeout=timeout,
+                headers=headers,
+                max_bytes=_JSON_MAX_BYTES,
+            )
+            if queue.status != 200:
+                refused.append(f"GET /queue: HTTP {queue.status}")
+            running = prompt_id in running_ids(queue.body)
+            if running:
+                await post("/interrupt", {"prompt_id": prompt_id})
+    except (UpstreamError, TimeoutError, aiohttp.ClientError, RuntimeError) as exc:
+        # RuntimeError: the session closed under it (the gateway stopping).
+        why = exc.detail if isinstance(exc, UpstreamError) else None
+        log.warning(
+            "comfyui: could not take an abandoned prompt off its worker: %s",
+            why or f"{type(exc).__name__} within {CLEANUP_S:g}s",
+            extra={"fields": fields},
+        )
+        return
+    if refused:
+        log.warning(
+            "comfyui: the worker refused to take an abandoned prompt off: %s",
+            "; ".join(refused),
+            extra={"fields": fields},
+        )
+        return
+    done = "interrupted" if running else "taken out of the queue (if it still waited)"
+    log.info("comfyui: abandoned prompt %s", done, extra={"fields": fields})
+
+
+def running_ids(body: bytes) -> set[str]:
+    """The ids of the prompts running in `GET /queue`'s answer (each item is
+    [number, prompt_id, prompt, extra_data, outputs])."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return set()
+    running = data.get("queue_running") if isinstance(data, dict) else None
+    items = running if isinstance(running, list) else []
+    return {str(item[1]) for item in items if isinstance(item, list) and len(item) > 1}
+
+
 def _settings(pool: PoolSpec) -> ComfyuiSettings:
     settings = pool.comfyui
     if settings is None:  # refused at load (gateway.registry._cross_check)
@@ -196,7 +299,12 @@ def lora_weight(adapter: AdapterSpec, settings: ComfyuiSettings) -> float:
 
 def workflow(settings: ComfyuiSettings, job: WorkerRequest, adapter: AdapterSpec) -> dict[str, Any]:
     """The pool's workflow with the job's values in it (a copy: the template stays)."""
-    graph = copy.deepcopy(settings.template)
+    # Each node and its inputs copied, nothing deeper: what changes below is an input
+    # replaced, never a value changed in place (a deepcopy cost ~1 ms a request).
+    graph = {
+        node_id: {**node, "inputs": dict(node["inputs"])}
+        for node_id, node in settings.template.items()
+    }
     graph[settings.prompt_node]["inputs"][settings.prompt_input] = job.prompt
     sampler = graph[settings.sampler_node]["inputs"]
     sampler[settings.steps_input] = job.num_inference_steps

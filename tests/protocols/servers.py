@@ -19,7 +19,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 @asynccontextmanager
 async def sim_server(protocol: str, **options: Any) -> AsyncIterator[tuple[str, SimWorker]]:
     """A sim worker of `protocol`, served in this process on a port the kernel picked."""
-    config = SimConfig(step_ms=1.0, adapter_load_ms=1.0, protocol=protocol, **options)
+    config = SimConfig(**{"step_ms": 1.0, "adapter_load_ms": 1.0, **options}, protocol=protocol)
     app = create_app(config)
     async with serve(app) as url:
         yield url, app.state.worker

@@ -9,6 +9,7 @@ import asyncio
 import base64
 import io
 import json
+import zlib
 from typing import Any
 
 import aiohttp
@@ -22,7 +23,7 @@ from gateway.causes import Cause
 from gateway.errors import ConfigError, UpstreamError
 from gateway.protocols import protocol_for
 from gateway.protocols.a1111 import client_body, first_image, request_body
-from gateway.protocols.imaging import sniff, strip_metadata
+from gateway.protocols.imaging import PNG_BLANK, sniff, strip_jpeg_metadata
 from gateway.registry import A1111Settings, AdapterSpec, PoolSpec, parse_registry
 from gateway.schema import WorkerRequest
 from gateway.testing import (
@@ -161,6 +162,111 @@ def test_a_png_passes_without_its_parameters_and_jpeg_is_re_encoded() -> None:
     assert b"sd_xl_base_1.0" not in jpeg
 
 
+def png_chunks(png: bytes) -> list[tuple[bytes, bytes, bool]]:
+    """(type, data, CRC valid) of each chunk, in order."""
+    chunks, at = [], 8
+    while at < len(png):
+        length = int.from_bytes(png[at : at + 4], "big")
+        kind, data = png[at + 4 : at + 8], png[at + 8 : at + 8 + length]
+        crc = int.from_bytes(png[at + 8 + length : at + 12 + length], "big")
+        chunks.append((kind, data, zlib.crc32(kind + data) == crc))
+        at += 12 + length
+    return chunks
+
+
+def chunk_offsets(png: bytes) -> list[tuple[bytes, int]]:
+    offsets, at = [], 8
+    for kind, data, _ in png_chunks(png):
+        offsets.append((kind, at))
+        at += 12 + len(data)
+    return offsets
+
+
+def test_a_png_s_text_chunks_are_blanked_in_place() -> None:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a red fox\nSteps: 20, Model: sd_xl_base_1.0..")
+    info.add_itxt("Description", "a red fox, sd_xl_base_1.0", lang="en")
+    info.add_text("Software", "sd_xl_base_1.0 " * 40, zip=True)  # zTXt
+    info.add(b"gAMA", (45455).to_bytes(4, "big"))  # not text: stays as it is
+    out = io.BytesIO()
+    picture = Image.frombytes("RGB", (64, 64), bytes(range(256)) * 48)
+    picture.save(out, "PNG", pnginfo=info)
+    image = out.getvalue()
+    before = png_chunks(image)
+    # The three text chunks start at byte offsets 0, 1 and 2 mod 3: each place a chunk
+    # can stand in its base64 quanta.
+    texts = [at % 3 for kind, at in chunk_offsets(image) if kind in (b"tEXt", b"iTXt", b"zTXt")]
+    assert sorted(texts) == [0, 1, 2]
+    assert {b"tEXt", b"iTXt", b"zTXt", b"gAMA"} <= {kind for kind, _, _ in before}
+    png = decoded_body(client_body(base64.b64encode(image), "raw", 90, "w"))
+    assert len(png) == len(image)
+    after = png_chunks(png)
+    assert all(valid for _, _, valid in after)
+    for (kind, data, _), (new_kind, new_data, _) in zip(before, after, strict=True):
+        if kind in (b"tEXt", b"iTXt", b"zTXt"):
+            assert (new_kind, new_data) == (PNG_BLANK, bytes(len(data)))
+        else:
+            assert (new_kind, new_data) == (kind, data)
+    assert b"sd_xl_base_1.0" not in png
+    opened = Image.open(io.BytesIO(png))
+    assert not {"parameters", "Description", "Software"} & set(opened.info)
+    assert opened.tobytes() == picture.tobytes()
+
+
+def test_a_png_without_text_passes_as_it_came() -> None:
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(out, "PNG")
+    encoded = base64.b64encode(out.getvalue())
+    assert client_body(encoded, "raw", 90, "w") == b'{"image":"' + encoded + b'"}'
+
+
+def _cut_iend(png: bytes) -> bytes:
+    return png[:-12]
+
+
+def _huge_chunk(png: bytes) -> bytes:
+    return png[:8] + (2**31).to_bytes(4, "big") + png[12:]
+
+
+@pytest.mark.parametrize(
+    ("broken", "phrase"),
+    [
+        (_cut_iend, "with a PNG cut short (no IEND chunk)"),
+        (lambda png: png[:40], "with a PNG cut short (no IEND chunk)"),
+        (lambda png: png[:8] + b"\x00\x00\xff\xff" + png[12:], "with a PNG whose chunks run"),
+        (_huge_chunk, "with a PNG whose chunks run past its end"),
+        (lambda png: png + b"junk", "with bytes after the PNG's IEND chunk"),
+    ],
+)
+def test_a_png_whose_chunks_do_not_parse_is_a_bad_answer(broken: Any, phrase: str) -> None:
+    with pytest.raises(UpstreamError) as caught:
+        client_body(base64.b64encode(broken(a1111_png())), "raw", 90, "w-0")
+    assert caught.value.cause is Cause.BAD_ANSWER
+    assert caught.value.detail is not None
+    assert caught.value.detail.startswith(f"worker w-0: answered 200 {phrase}")
+
+
+def test_a_png_that_is_not_base64_is_a_bad_answer() -> None:
+    encoded = bytearray(base64.b64encode(a1111_png()))
+    encoded[40:44] = b"!!!!"  # in the text chunk's head
+    with pytest.raises(UpstreamError) as caught:
+        client_body(bytes(encoded), "raw", 90, "w-0")
+    assert caught.value.cause is Cause.BAD_ANSWER
+    assert "not base64" in str(caught.value.detail)
+
+
+async def test_a_malformed_png_through_the_gateway_is_a_502() -> None:
+    answer = txt2img_answer(_cut_iend(a1111_png())).decode()
+    async with fake_worker(answers(200, answer), path=TXT2IMG, health_path=PROGRESS) as worker:
+        registry = make_registry({"p": [worker.url]}, protocol="a1111", max_retries=0)
+        async with served_gateway(registry) as url, httpx.AsyncClient(timeout=30) as client:
+            resp = await client.post(url + PATH, json=body(response_format="raw"))
+    assert resp.status_code == 502
+    assert resp.json()["detail"] == (
+        "adapter 'p': worker p-0: answered 200 with a PNG cut short (no IEND chunk)"
+    )
+
+
 def test_a_jpeg_or_webp_server_is_served_too() -> None:
     """samples_format jpg or webp: A1111 writes the parameters into Exif."""
     exif = Image.Exif()
@@ -172,7 +278,7 @@ def test_a_jpeg_or_webp_server_is_served_too() -> None:
     assert b"sd_xl_base_1.0" in jpeg
     assert b"sd_xl_base_1.0" not in stripped
     assert b"Version: v1" not in stripped
-    assert stripped == strip_metadata(jpeg)
+    assert stripped == strip_jpeg_metadata(jpeg)
     webp = io.BytesIO()
     Image.new("RGB", (16, 16), (9, 9, 9)).save(webp, "WEBP")
     png = decoded_body(client_body(base64.b64encode(webp.getvalue()), "raw", 90, "w"))

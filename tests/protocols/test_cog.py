@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 from typing import Any
 
 import aiohttp
@@ -15,7 +16,7 @@ from aiohttp import web
 from gateway.causes import Cause
 from gateway.errors import ConfigError, UpstreamError
 from gateway.protocols import protocol_for
-from gateway.protocols.cog import health, output_image, prediction
+from gateway.protocols.cog import MAX_LOGGED_ERROR, health, output_image, prediction
 from gateway.protocols.imaging import sniff
 from gateway.registry import AdapterSpec, CogSettings, PoolSpec
 from gateway.schema import WorkerRequest
@@ -195,7 +196,10 @@ async def test_a_409_is_busy_and_retried_on_another_worker() -> None:
     assert status["pools"]["p"]["ejections"] == 0  # busy is never a reason to eject
 
 
-async def test_a_failed_prediction_is_502_without_the_model_s_words() -> None:
+async def test_a_failed_prediction_is_502_without_the_model_s_words(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="gateway.protocols.cog")
     failed = {"error": "Traceback: /srv/predict.py secret", "status": "failed", "logs": ""}
     routes = {
         ("POST", "/predictions"): json_answer(failed),
@@ -210,6 +214,26 @@ async def test_a_failed_prediction_is_502_without_the_model_s_words() -> None:
     assert answer.status_code == 502
     assert "prediction failed" in answer.json()["detail"]
     assert "secret" not in answer.text
+    # The operators see why, and on which worker.
+    (record,) = [r for r in caplog.records if r.name == "gateway.protocols.cog"]
+    assert record.getMessage() == "cog: prediction failed: Traceback: /srv/predict.py secret"
+    assert record.__dict__["fields"] == {"worker": "p-0", "status": "failed"}
+
+
+def test_a_failed_prediction_s_error_is_logged_on_one_bounded_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="gateway.protocols.cog")
+    error = "RuntimeError: CUDA out of memory\n" + "x " * 5000
+    with pytest.raises(UpstreamError) as caught:
+        output_image(_dumps({"status": "failed", "error": error}), "cog-0")
+    assert caught.value.detail == "worker cog-0: prediction failed"
+    (record,) = caplog.records
+    logged = record.getMessage()
+    assert logged.startswith("cog: prediction failed: RuntimeError: CUDA out of memory x x")
+    assert "\n" not in logged
+    assert logged.endswith("... (9032 more characters)")
+    assert len(logged) < MAX_LOGGED_ERROR + 100
 
 
 async def test_cog_s_422_is_the_client_s_422() -> None:

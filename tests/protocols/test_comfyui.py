@@ -4,8 +4,10 @@ worker, node errors, execution errors, health and busy, and the cache key's vari
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -13,10 +15,12 @@ from typing import Any
 import aiohttp
 import httpx
 import pytest
+from aiohttp import web
 
 from gateway.causes import Cause
 from gateway.errors import ConfigError, UpstreamError, UpstreamRejected
-from gateway.protocols import protocol_for
+from gateway.protocols import Call, protocol_for
+from gateway.protocols import comfyui as comfyui_module
 from gateway.protocols.comfyui import output_image, rejection, workflow
 from gateway.protocols.imaging import sniff
 from gateway.registry import (
@@ -29,9 +33,10 @@ from gateway.registry import (
 from gateway.schema import WorkerRequest
 from gateway.testing import registry_yaml, served_gateway
 from tests.protocols.servers import json_answer, scripted, sim_server
-from tests.support import body, dead_url, make_registry
+from tests.support import body, dead_url, eventually, make_registry
 
 PATH = "/v1/images/generations"
+NO_STORE = {"Cache-Control": "no-store"}
 EXAMPLE = Path(__file__).parent.parent.parent / "examples" / "comfyui-sd15-lora.json"
 NODES = {"prompt_node": "6", "sampler_node": "3", "lora_node": "10", "output_node": "9"}
 SETTINGS = ComfyuiSettings(workflow=str(EXAMPLE), **NODES)
@@ -134,6 +139,8 @@ def test_the_base_model_takes_the_lora_node_out_of_the_graph() -> None:
     assert graph["3"]["inputs"]["model"] == ["4", 0]  # was ["10", 0]
     assert graph["6"]["inputs"]["clip"] == ["4", 1]  # was ["10", 1]
     assert graph["7"]["inputs"]["clip"] == ["4", 1]
+    # The template is untouched: the next request's graph is made from it again.
+    assert SETTINGS.template == json.loads(EXAMPLE.read_text())
 
 
 # -- ComfyUI's answers as ours -------------------------------------------------------------
@@ -268,6 +275,148 @@ async def test_a_failed_execution_is_502_job_failed() -> None:
             answer = await client.post(PATH, json=body())
     assert answer.status_code == 502
     assert "the workflow failed" in answer.json()["detail"]
+
+
+# -- a try that ends early takes its prompt off the worker -------------------------------
+
+
+async def sim_queue(url: str) -> dict[str, Any]:
+    async with httpx.AsyncClient() as client:
+        data: dict[str, Any] = (await client.get(url + "/queue")).json()
+    return data
+
+
+async def test_timed_out_tries_leave_nothing_in_the_worker_s_queue() -> None:
+    # One GPU, two prompts of 8 s each: when both tries time out, one runs, one waits.
+    async with sim_server("comfyui", step_ms=2000.0, concurrency=1) as (url, worker):
+        registry = make_registry(
+            {"p": [{"url": url, "max_concurrency": 2}]},
+            ADAPTERS[1:],
+            timeout_s=0.5,
+            max_retries=0,
+            max_accepted_retries=0,
+            **_pool(poll_first_s=0.01),
+        )
+        async with served_gateway(registry) as gw, httpx.AsyncClient(base_url=gw) as client:
+            answers = await asyncio.gather(
+                *(client.post(PATH, json=body(seed=s), headers=NO_STORE) for s in (1, 2))
+            )
+            assert [a.status_code for a in answers] == [504, 504]
+            await eventually(lambda: worker.stats.interrupts + worker.stats.queue_deletes == 2)
+            queue = await sim_queue(url)
+    assert queue == {"queue_running": [], "queue_pending": []}
+    assert (worker.stats.interrupts, worker.stats.queue_deletes) == (1, 1)
+    assert worker.stats.generations == 0
+
+
+async def test_a_cancelled_try_interrupts_its_running_prompt() -> None:
+    async with (
+        sim_server("comfyui", step_ms=2000.0, concurrency=1) as (url, worker),
+        aiohttp.ClientSession() as session,
+    ):
+        comfy = protocol_for("comfyui")
+        call = Call(
+            session=session,
+            base_url=url,
+            worker="w-0",
+            timeout=aiohttp.ClientTimeout(total=60),
+            headers={},
+            max_bytes=2**24,
+            job=JOB.model_copy(update={"model": None}),
+            adapter=AdapterSpec(name="base", pool="p"),
+            pool=PoolSpec.model_validate(_pool(poll_first_s=0.01)),
+        )
+        try_ = asyncio.create_task(comfy.generate(call))
+        await eventually(lambda: worker.stats.in_flight == 1)  # it runs
+        try_.cancel()
+        await eventually(lambda: worker.stats.interrupts == 1)
+        queue = await sim_queue(url)
+    assert queue == {"queue_running": [], "queue_pending": []}
+    assert try_.cancelled()
+
+
+def stuck_comfyui(
+    released: asyncio.Event, seen: list[tuple[str, Any]]
+) -> dict[tuple[str, str], Any]:
+    """A ComfyUI whose prompt never finishes and whose POST /queue answers only once
+    `released` is set; `seen` records the queue edits."""
+
+    async def post_queue(request: web.Request) -> web.StreamResponse:
+        seen.append(("queue", await request.json()))
+        await released.wait()
+        return web.Response()
+
+    async def interrupt(request: web.Request) -> web.StreamResponse:
+        seen.append(("interrupt", await request.json()))
+        return web.Response()
+
+    return {
+        ("POST", "/prompt"): json_answer({"prompt_id": "p-1", "number": 0, "node_errors": {}}),
+        ("GET", "/history/p-1"): json_answer({}),
+        ("POST", "/queue"): post_queue,
+        ("GET", "/queue"): json_answer(
+            {"queue_running": [[0, "p-1", {}, {}, ["9"]]], "queue_pending": []}
+        ),
+        ("POST", "/interrupt"): interrupt,
+        ("GET", "/system_stats"): json_answer({"system": {}, "devices": []}),
+    }
+
+
+def _stuck_registry(url: str) -> Any:
+    return make_registry(
+        {"p": [url]},
+        ADAPTERS[1:],
+        timeout_s=0.3,
+        max_retries=0,
+        max_accepted_retries=0,
+        **_pool(poll_first_s=0.01),
+    )
+
+
+async def test_the_client_s_answer_never_waits_for_the_removal(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.protocols.comfyui")
+    released, seen = asyncio.Event(), list[tuple[str, Any]]()
+    async with (
+        scripted(stuck_comfyui(released, seen)) as url,
+        served_gateway(_stuck_registry(url)) as gw,
+        httpx.AsyncClient() as client,
+    ):
+        try:
+            answer = await client.post(gw + PATH, json=body(), timeout=30)
+            # The client has its answer while the worker still holds the delete.
+            assert answer.status_code == 504
+            await eventually(lambda: seen == [("queue", {"delete": ["p-1"]})])
+            released.set()
+            await eventually(lambda: "abandoned prompt interrupted" in caplog.text)
+        finally:
+            released.set()  # the server stops only once its handlers have answered
+    assert seen[1] == ("interrupt", {"prompt_id": "p-1"})
+
+
+async def test_a_removal_the_worker_does_not_answer_gives_up_in_time(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(comfyui_module, "CLEANUP_S", 0.2)
+    caplog.set_level(logging.INFO, logger="gateway.protocols.comfyui")
+    released, seen = asyncio.Event(), list[tuple[str, Any]]()
+    comfy = protocol_for("comfyui")
+    assert isinstance(comfy, comfyui_module.ComfyUI)
+    async with (
+        scripted(stuck_comfyui(released, seen)) as url,
+        served_gateway(_stuck_registry(url)) as gw,
+        httpx.AsyncClient() as client,
+    ):
+        try:
+            answer = await client.post(gw + PATH, json=body(), timeout=30)
+            await eventually(lambda: "could not take an abandoned prompt" in caplog.text)
+            await eventually(lambda: not comfy.cleanups)  # given up: nothing left running
+        finally:
+            released.set()  # the server stops only once its handlers have answered
+    assert answer.status_code == 504
+    assert "within 0.2s" in caplog.text
+    assert seen == [("queue", {"delete": ["p-1"]})]  # no interrupt after the give-up
 
 
 @pytest.mark.parametrize(("pending", "probe"), [(2, "ok"), (3, "busy")])
