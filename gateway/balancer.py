@@ -311,7 +311,7 @@ class Pool:
         """The last moment `ticket` can start and still be done by its deadline."""
         if ticket.deadline_at is None:
             return None
-        return ticket.deadline_at - self.queue.estimate(ticket)
+        return ticket.deadline_at - self.queue.timed_estimate(ticket)
 
     def predicted_start(self, ticket: Ticket) -> float | None:
         """When a queued `ticket` is likely to get a slot: the work ahead of it in

@@ -13,9 +13,11 @@ the slot when it ends (`finished`).
 
 Order: start-time fair queuing (Goyal et al., SFQ) across teams, FIFO within a team.
 Each team has a virtual time, the GPU-seconds charged to it divided by its weight;
-the team with the smallest virtual time is served next. A team that joins the queue
-starts at the smallest virtual time of the teams waiting (or of the last grant when
-none waits): time it spent idle is not credit it can spend later. With every team
+the team with the smallest virtual time is served next. The pool's virtual time is
+that of the latest grant (SFQ's "start tag of the one in service"); a team that joins
+the queue starts there if it was behind: time it spent idle is not credit it can spend
+later, and a light team arriving during another's burst is served at the next free
+slot, not after the burst. With every team
 backlogged, each team's GPU-seconds track its weight within one request's cost per
 team (SFQ's bound); a team alone takes every free slot (work-conserving: the order
 never leaves a slot idle, only decides who gets it).
@@ -101,7 +103,7 @@ class FairQueue(Generic[W]):
         self._settle()
         team = self._team(waiter.team)
         if not team.waiting():  # (re)joining: no credit for time spent idle
-            team.vtime = max(team.vtime, self._virtual_now())
+            team.vtime = max(team.vtime, self._floor)
         (team.batch if waiter.priority == "batch" else team.interactive).append(waiter)
         self._members.add(waiter)
 
@@ -145,8 +147,13 @@ class FairQueue(Generic[W]):
     # -- costs ----------------------------------------------------------------------
 
     def estimate(self, waiter: W) -> float:
-        """Its expected slot-seconds: steps x the observed seconds per step."""
+        """Its expected slot-seconds: steps x the observed seconds per step (a unit
+        per step before any was timed, which orders as well)."""
         return waiter.steps * (UNKNOWN_STEP_S if self.step_s is None else self.step_s)
+
+    def timed_estimate(self, waiter: W) -> float:
+        """The estimate in seconds, for deadlines: 0 before any step was timed."""
+        return 0.0 if self.step_s is None else waiter.steps * self.step_s
 
     def finished(self, waiter: W, took_s: float, *, ok: bool) -> None:
         """A granted try ended after holding its slot `took_s`: its team's charge
@@ -229,12 +236,8 @@ class FairQueue(Generic[W]):
     def _team(self, name: str) -> _Team[W]:
         team = self._teams.get(name)
         if team is None:  # team names come from the registry: a bounded set
-            team = self._teams[name] = _Team(vtime=self._virtual_now())
+            team = self._teams[name] = _Team(vtime=self._floor)
         return team
-
-    def _virtual_now(self) -> float:
-        waiting = [team.vtime for team in self._teams.values() if team.waiting()]
-        return min(waiting, default=self._floor)
 
     def _settle(self) -> None:
         """Charge the waiters that left the queue for a slot. The Pool removes a
