@@ -8,6 +8,7 @@ import asyncio
 import random
 from collections import Counter
 from collections.abc import Iterable
+from typing import Any
 
 import pytest
 
@@ -19,7 +20,7 @@ from tests.support import FakeClock, make_registry
 STEP_S = 0.1  # every try here takes steps x this, unless a test says otherwise
 
 
-def one_pool(slots: int = 1, **options: object) -> tuple[Pool, FakeClock]:
+def one_pool(slots: int = 1, **options: Any) -> tuple[Pool, FakeClock]:
     clock = FakeClock()
     worker = {"url": "http://127.0.0.1:1", "max_concurrency": slots}
     registry = make_registry({"p": [worker]}, **options)
