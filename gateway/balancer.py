@@ -189,7 +189,9 @@ class Pool:
         self._rng = rng
         self.workers: list[Worker] = []
         self.queue: FairQueue[Ticket] = FairQueue(
-            clock=clock, batch_aging_s=lambda: self.spec.batch_aging_s
+            clock=clock,
+            batch_aging_s=lambda: self.spec.batch_aging_s,
+            credit_s=lambda: self.spec.share_credit_s,
         )
         self.stats = PoolStats()
         self.active = 0  # requests trying this pool now: the retry budget's base

@@ -471,6 +471,9 @@ class PoolSpec(_Frozen):
     # Fair sharing (gateway/fairness.py): a batch request that has waited this long is
     # served as interactive from then on, so batch never starves.
     batch_aging_s: Annotated[float, Field(gt=0, le=86400)] = 60.0
+    # A team that used less than its share (or none) may run ahead of the others by at
+    # most this many GPU-seconds per unit of weight: room for a light team's bursts.
+    share_credit_s: Annotated[float, Field(ge=0, le=86400)] = 60.0
     # Retries go to another worker. Failures before a worker accepted the job
     # (connect error, reset before a response, 429, 503) are retried up to
     # max_retries; failures after it (500/502/504, a timeout, a cut-off body, a 200

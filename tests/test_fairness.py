@@ -21,6 +21,8 @@ STEP_S = 0.1  # every try here takes steps x this, unless a test says otherwise
 
 
 def one_pool(slots: int = 1, **options: Any) -> tuple[Pool, FakeClock]:
+    """A pool of one worker; strict SFQ (no share credit) unless `options` say."""
+    options.setdefault("share_credit_s", 0)
     clock = FakeClock()
     worker = {"url": "http://127.0.0.1:1", "max_concurrency": slots}
     registry = make_registry({"p": [worker]}, **options)
@@ -153,6 +155,22 @@ def test_idle_time_is_not_credit() -> None:
     # b starts at the virtual time of the try in service, one request ahead of a's
     # next: not the seven it sat out (that would be "bbbbaaaa").
     assert teams(run(pool, clock, blocker)) == "bbababaa"
+
+
+def test_a_team_under_its_share_banks_at_most_the_share_credit() -> None:
+    """With share_credit_s: 3 (three of these requests), b, idle while a used the
+    pool, starts three requests behind the virtual time of a's try in service (a's
+    next is one further): four of b's go before a's next, a fifth wins the tie (b
+    came first), then they alternate.
+    (Strict SFQ, share_credit_s: 0, gives "bbababaa..." in test_idle_time_is_not_credit.)"""
+    pool, clock = one_pool(share_credit_s=3)
+    blocker = hold(pool, clock)
+    submit_all(pool, [ticket("b"), *(ticket("a") for _ in range(8))])
+    run(pool, clock, blocker)
+    blocker = hold(pool, clock)
+    submit_all(pool, [ticket("a") for _ in range(6)])
+    submit_all(pool, [ticket("b") for _ in range(6)])
+    assert teams(run(pool, clock, blocker)) == "bbbbbabaaaaa"
 
 
 def test_a_team_alone_takes_every_free_slot() -> None:
