@@ -50,6 +50,7 @@ and that drift is repaid, not lost.
 from __future__ import annotations
 
 import heapq
+import math
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -111,6 +112,11 @@ class FairQueue(Generic[W]):
         self._floor = 0.0  # the virtual time of the latest grant
         self._leaving: list[W] = []  # removed: charged once they are seen granted
         self._charged: dict[W, float] = {}  # granted and running: the cost charged
+        # The order, kept until something changes it (a waiter in or out, a charge, a
+        # batch waiter aging): the pool walks it several times per event.
+        self._order: list[W] | None = None
+        self._order_until = math.inf  # when the next batch waiter ages
+        self._aging_s = 0.0  # the batch_aging_s it was made with (a reload may change it)
 
     # -- the deque's surface --------------------------------------------------------
 
@@ -121,11 +127,13 @@ class FairQueue(Generic[W]):
             team.vtime = max(team.vtime, self._virtual_now() - self.credit_s())
         (team.batch if waiter.priority == "batch" else team.interactive).append(waiter)
         self._members.add(waiter)
+        self._order = None
 
     def appendleft(self, waiter: W) -> None:
         self._settle()
         self._front.appendleft(waiter)
         self._members.add(waiter)
+        self._order = None
 
     def remove(self, waiter: W) -> None:
         """Out of the queue: granted a slot (charged to its team, seen at the next
@@ -139,6 +147,7 @@ class FairQueue(Generic[W]):
             team = self._teams[waiter.team]
             (team.batch if waiter in team.batch else team.interactive).remove(waiter)
         self._leaving.append(waiter)
+        self._order = None
 
     def popleft(self) -> W:
         order = self.order()
@@ -178,6 +187,7 @@ class FairQueue(Generic[W]):
         if charged is None:
             return
         self._team(waiter.team).vtime += (took_s - charged) / waiter.weight
+        self._order = None
         if ok and waiter.steps > 0:
             per_step = took_s / waiter.steps
             self.step_s = (
@@ -204,7 +214,12 @@ class FairQueue(Generic[W]):
         """Retries; then interactive and aged batch waiters; then the other batch
         waiters: each group merged across teams by virtual time, FIFO within a team."""
         self._settle()
-        aged = self.clock() - self.batch_aging_s()
+        now, aging_s = self.clock(), self.batch_aging_s()
+        if self._order is not None and now < self._order_until and aging_s == self._aging_s:
+            return self._order
+        aged = now - aging_s
+        self._aging_s = aging_s
+        self._order_until = math.inf
         first: list[tuple[str, Sequence[W]]] = []
         later: list[tuple[str, Sequence[W]]] = []
         for name, team in self._teams.items():
@@ -213,6 +228,9 @@ class FairQueue(Generic[W]):
             ripe = 0
             while ripe < len(team.batch) and team.batch[ripe].queued_at <= aged:
                 ripe += 1
+            if ripe < len(team.batch):
+                ages_at = team.batch[ripe].queued_at + aging_s
+                self._order_until = min(self._order_until, ages_at)
             ahead = list(team.interactive)
             if ripe:
                 ahead = sorted(ahead + list(team.batch)[:ripe], key=_arrival)
@@ -221,7 +239,9 @@ class FairQueue(Generic[W]):
                 later.append((name, team.batch))
             first.append((name, ahead))
         vtimes = {name: team.vtime for name, team in self._teams.items()}
-        return [*self._front, *self._merge(first, vtimes), *self._merge(later, vtimes)]
+        order = [*self._front, *self._merge(first, vtimes), *self._merge(later, vtimes)]
+        self._order = order
+        return order
 
     def _merge(
         self, streams: Sequence[tuple[str, Sequence[W]]], vtimes: dict[str, float]
@@ -273,6 +293,7 @@ class FairQueue(Generic[W]):
             cost = self.timed_estimate(waiter)  # before any timing: all of it at the end
             team.vtime += cost / waiter.weight
             self._charged[waiter] = cost
+            self._order = None
         self._leaving.clear()
 
 
