@@ -101,20 +101,22 @@ def burst(team: str, count: int, rng: random.Random, steps: int | None) -> list[
     return jobs
 
 
-def burst_workload(duration_s: float, seed: int, *, a: bool = True) -> list[TeamJob]:
+def burst_workload(
+    duration_s: float, seed: int, *, a: bool = True, count: int = BURST
+) -> list[TeamJob]:
     rng = random.Random(seed)
     rate_b = SHARE_OF_CAPACITY * CAPACITY  # 30-step requests: one capacity unit each
     rate_c = SHARE_OF_CAPACITY * CAPACITY * BASE_STEPS / 27  # mean 27 steps
-    jobs = burst("A", BURST, rng, 50) if a else []
+    jobs = burst("A", count, rng, 50) if a else []
     jobs += poisson("B", rate_b, duration_s, rng, BASE_STEPS)
     jobs += poisson("C", rate_c, duration_s, rng, None)
     return sorted(jobs, key=lambda j: j.arrived)
 
 
-def saturated_workload(seed: int) -> list[TeamJob]:
+def saturated_workload(seed: int, count: int = BURST) -> list[TeamJob]:
     rng = random.Random(seed)
-    jobs = burst("A", BURST, rng, 50) + burst("B", BURST, rng, BASE_STEPS)
-    return sorted(jobs + burst("C", BURST, rng, None), key=lambda j: j.arrived)
+    jobs = burst("A", count, rng, 50) + burst("B", count, rng, BASE_STEPS)
+    return sorted(jobs + burst("C", count, rng, None), key=lambda j: j.arrived)
 
 
 def deadline_workload(duration_s: float, seed: int) -> list[TeamJob]:
@@ -343,15 +345,18 @@ class Report:
     deadline: list[DeadlineResult]
 
 
-def run_all(seeds: Sequence[int], duration_s: float) -> Report:
+def run_all(seeds: Sequence[int], duration_s: float, burst_size: int = BURST) -> Report:
     burst_results, saturated = [], []
     windows: dict[str, list[float]] = defaultdict(list)
     for policy, weights in WEIGHTS.items():
-        runs = [simulate(burst_workload(duration_s, s), s, weights=weights) for s in seeds]
+        runs = [
+            simulate(burst_workload(duration_s, s, count=burst_size), s, weights=weights)
+            for s in seeds
+        ]
         windows[policy] = [run.drained_at["A"] for run in runs]
         burst_results.append(measure_burst(policy, runs, windows[policy]))
         if weights is not None:
-            runs = [simulate(saturated_workload(s), s, weights=weights) for s in seeds]
+            runs = [simulate(saturated_workload(s, burst_size), s, weights=weights) for s in seeds]
             saturated.append(measure_burst(policy, runs, [0.0] * len(runs)))
     alone = [simulate(burst_workload(duration_s, s, a=False), s, weights=None) for s in seeds]
     for policy in (FAIR_111, FAIR_211):  # the baseline over each policy's burst window
@@ -382,7 +387,7 @@ def _f(value: float) -> str:
 
 
 def tables(report: Report) -> Iterator[str]:
-    yield "Burst: A 400 x 50 steps at t=0; B, C Poisson at 30% of capacity each"
+    yield "Burst: A sends a burst of 50-step requests at t=0; B, C Poisson at 30% of capacity each"
     yield ""
     yield (
         "| policy | A p50 / p99 s | B p50 / p99 s | C p50 / p99 s | B / C p99 during burst s "
@@ -395,7 +400,7 @@ def tables(report: Report) -> Iterator[str]:
         shares = "/".join(f"{r.shares[t]:.2f}" for t in TEAMS) if len(r.shares) == 3 else "-"
         yield f"| {r.policy} | {' | '.join(cells)} | {during} | {shares} | {r.throughput:.2f} |"
     yield ""
-    yield "Saturated: A, B and C each send 400 at t=0 (50, 30, 4..50 steps)"
+    yield "Saturated: A, B and C each send a burst at t=0 (50, 30, 4..50 steps)"
     yield ""
     yield "| policy | shares A/B/C while all wait | weights |"
     yield "|---|---|---|"
@@ -463,9 +468,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.fairness", description=__doc__)
     parser.add_argument("--seeds", type=int, default=5, help="runs per policy, seeds 1..N")
     parser.add_argument("--duration", type=float, default=300.0, help="virtual s of arrivals")
+    parser.add_argument("--burst", type=int, default=BURST, help="requests in each burst")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    report = run_all(range(1, args.seeds + 1), args.duration)
+    report = run_all(range(1, args.seeds + 1), args.duration, args.burst)
     print("\n".join(tables(report)))
     print()
     print("\n".join(targets(report)))
