@@ -256,14 +256,14 @@ class Pool:
             self.stats.rejected_full += 1
             msg = f"pool {self.name!r} is overloaded: {self.spec.max_queue} requests waiting"
             raise Overloaded(msg, retry_after_s=self.retry_after_s())
-        start = self.predicted_start(ticket)
         latest = self.latest_start(ticket)
+        start = None if latest is None else self.predicted_start(ticket)
         if start is not None and latest is not None and start > latest:
             self.queue.remove(ticket)
             self.stats.rejected_deadline += 1
             msg = (
-                f"pool {self.name!r} cannot start this request by its deadline: "
-                f"{start - ticket.queued_at:.1f}s of work is queued ahead of it"
+                f"pool {self.name!r} cannot start this request by its deadline: it would "
+                f"start in about {start - ticket.queued_at:.1f}s, after the work queued ahead of it"
             )
             raise Overloaded(msg, retry_after_s=self.retry_after_s())
 

@@ -123,7 +123,7 @@ class FairQueue(Generic[W]):
     def append(self, waiter: W) -> None:
         self._settle()
         team = self._team(waiter.team)
-        if not team.waiting():  # (re)joining: no credit for time spent idle
+        if not team.waiting():  # (re)joining: idle time is worth share_credit_s at most
             team.vtime = max(team.vtime, self._virtual_now() - self.credit_s())
         (team.batch if waiter.priority == "batch" else team.interactive).append(waiter)
         self._members.add(waiter)

@@ -113,7 +113,7 @@ async def test_a_deadline_the_queue_cannot_meet_is_refused_at_once() -> None:
     assert late.status_code == 503
     # Refused at submit, by prediction (not left to expire in the queue: that 503
     # says "could not start"):
-    assert "work is queued ahead of it" in late.json()["detail"], late.json()
+    assert "after the work queued ahead of it" in late.json()["detail"], late.json()
     assert int(late.headers["Retry-After"]) >= 1
     assert bad.status_code == 422
     assert bad.json()["detail"][0]["loc"] == ["header", "X-Request-Deadline-Ms"]
