@@ -10,13 +10,21 @@ from typing import Any
 
 import httpx
 import pytest
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 
 from gateway.balancer import Pool
 from gateway.errors import ConfigError
 from gateway.state import served_of
-from gateway.testing import Answer, fake_worker, gateway_server, registry_yaml
+from gateway.testing import (
+    Answer,
+    Handler,
+    fake_worker,
+    gateway_server,
+    registry_yaml,
+    released_at_exit,
+)
 from tests.support import api_key, bearer, body, eventually, gateway_from_file, make_registry
 
 GEN = "/v1/images/generations"
@@ -50,6 +58,17 @@ def series(text: str, name: str) -> dict[frozenset[tuple[str, str]], float]:
     }
 
 
+def gated(release: asyncio.Event, seconds: float) -> Handler:
+    """A worker that holds every request until `release` is set, then takes `seconds`
+    over each: the test decides when the first slot frees."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await release.wait()
+        return await Answer(delay_s=seconds)(request)
+
+    return handler
+
+
 def pool_of(app: Starlette) -> Pool:
     return served_of(app).pipeline.balancer.pool("p")
 
@@ -62,15 +81,20 @@ def post(client: httpx.AsyncClient, key: str, **headers: str) -> Callable[..., A
 
 
 async def test_the_light_key_is_served_between_the_heavy_keys_requests() -> None:
+    release = asyncio.Event()
     async with (
-        fake_worker(Answer(delay_s=0.3)) as worker,
+        fake_worker(gated(release, 0.3)) as worker,
+        released_at_exit(release),
         gateway_server(fair_registry(worker.url)) as (url, app),
         httpx.AsyncClient(base_url=url, timeout=60) as client,
     ):
         heavy, light = post(client, HEAVY), post(client, LIGHT)
         burst = [asyncio.create_task(heavy(prompt=f"heavy {i}", seed=i)) for i in range(4)]
         await eventually(lambda: len(pool_of(app).queue) == 3)
-        alone = await light(prompt="light", seed=99)
+        waiting = asyncio.create_task(light(prompt="light", seed=99))
+        await eventually(lambda: len(pool_of(app).queue) == 4)
+        release.set()  # the first heavy request ends: who gets the slot?
+        alone = await waiting
         answers = await asyncio.gather(*burst)
         again = await light(prompt="light", seed=99)  # from the cache: no GPU time
         text = (await client.get("/metrics")).text
@@ -96,18 +120,23 @@ async def test_the_light_key_is_served_between_the_heavy_keys_requests() -> None
 
 
 async def test_a_deadline_the_queue_cannot_meet_is_refused_at_once() -> None:
+    release = asyncio.Event()
+    release.set()
     async with (
-        fake_worker(Answer(delay_s=0.3)) as worker,
+        fake_worker(gated(release, 0.3)) as worker,
+        released_at_exit(release),
         gateway_server(fair_registry(worker.url)) as (url, app),
         httpx.AsyncClient(base_url=url, timeout=60) as client,
     ):
         heavy = post(client, HEAVY)
         assert (await heavy(seed=1)).status_code == 200  # the pool has timed a step now
+        release.clear()  # from now on the slot stays taken until the test says
         burst = [asyncio.create_task(heavy(seed=10 + i)) for i in range(4)]
         await eventually(lambda: len(pool_of(app).queue) == 3)
         # Behind its own team's three (about 0.9 s of work, and 0.3 s running).
         late = await post(client, HEAVY, **{"X-Request-Deadline-Ms": "500"})(seed=20)
         bad = await post(client, HEAVY, **{"X-Request-Deadline-Ms": "soon"})(seed=21)
+        release.set()
         await asyncio.gather(*burst)
         text = (await client.get("/metrics")).text
     assert late.status_code == 503
@@ -123,7 +152,8 @@ async def test_a_deadline_the_queue_cannot_meet_is_refused_at_once() -> None:
 
 
 async def test_a_keys_default_deadline_takes_it_out_of_the_queue(tmp_path: Path) -> None:
-    async with fake_worker(Answer(delay_s=1.0)) as worker:
+    release = asyncio.Event()
+    async with fake_worker(gated(release, 0.0)) as worker, released_at_exit(release):
         text = fair_registry(worker.url, light={"deadline_ms": 300})
         async with gateway_from_file(tmp_path / "adapters.yaml", text) as gw:
             hold = asyncio.create_task(
@@ -132,6 +162,7 @@ async def test_a_keys_default_deadline_takes_it_out_of_the_queue(tmp_path: Path)
             await eventually(lambda: worker.calls == 1)
             # Nothing timed yet, so no prediction: it waits, and leaves at 300 ms.
             late = await gw.client.post(GEN, json=body(seed=2), headers=bearer(LIGHT))
+            release.set()
             assert (await hold).status_code == 200
     assert late.status_code == 503
     assert "could not start this request by its deadline" in late.json()["detail"]
