@@ -571,6 +571,7 @@ class KeySpec(_Frozen):
     # name), its requests' priority, and the deadline given to requests that send no
     # X-Request-Deadline-Ms (None: no deadline).
     team: Name | None = None
+    weight: Annotated[float, Field(gt=0, le=1000)] | None = None  # a key without a team
     priority: Priority = "interactive"
     deadline_ms: Annotated[int, Field(ge=1, le=3_600_000)] | None = None
 
@@ -688,6 +689,13 @@ class Registry(_Frozen):
     def team_weight(self, team: str) -> float:
         spec = self.teams.get(team)
         return 1.0 if spec is None else spec.weight
+
+    def weight_of(self, key: KeySpec | None) -> float:
+        """The weight `key`'s requests carry: its own (a key without a team), else
+        its team's."""
+        if key is not None and key.weight is not None:
+            return key.weight
+        return self.team_weight(self.team_of(key))
 
     @cached_property
     def team_names(self) -> frozenset[str]:
@@ -869,12 +877,14 @@ def _check_auth(auth: AuthSpec, adapters: list[str]) -> Iterator[tuple[Loc, str]
 
 
 def _check_teams(auth: AuthSpec, teams: Mapping[str, TeamSpec]) -> Iterator[tuple[Loc, str]]:
-    """With a `teams` section, a key's team must be one of it (a typo would otherwise
-    give that key a team of its own at weight 1, silently)."""
-    if not teams:
-        return
+    """A key's weight is its team's when it has one; with a `teams` section, a key's
+    team must be one of it (a typo would otherwise give that key a team of its own at
+    weight 1, silently)."""
     for i, key in enumerate(auth.keys):
-        if key.team is not None and key.team not in teams:
+        if key.team is not None and key.weight is not None:
+            msg = f"a key of team {key.team!r} has its team's weight: set it under teams"
+            yield ("auth", "keys", i, "weight"), msg
+        if teams and key.team is not None and key.team not in teams:
             known = ", ".join(sorted(teams))
             yield ("auth", "keys", i, "team"), f"unknown team {key.team!r} (teams: {known})"
 

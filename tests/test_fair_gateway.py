@@ -174,6 +174,7 @@ def test_teams_weights_and_key_settings_are_read_and_checked() -> None:
         "keys": [
             api_key("a", "gw_a-key", team="vision", priority="batch", deadline_ms=20000),
             api_key("b", "gw_b-key"),
+            api_key("c", "gw_c-key", weight=3),
         ]
     }
     registry = make_registry(
@@ -181,17 +182,25 @@ def test_teams_weights_and_key_settings_are_read_and_checked() -> None:
         sections={"auth": auth, "teams": {"vision": {"weight": 2.5}}},
         batch_aging_s=30,
     )
-    a, b = registry.auth.keys if registry.auth else ()
+    a, b, c = registry.auth.keys if registry.auth else ()
     assert (registry.team_of(a), registry.team_of(b), registry.team_of(None)) == (
         "vision",
         "b",
         "default",
     )
     assert (registry.team_weight("vision"), registry.team_weight("b")) == (2.5, 1.0)
+    assert [registry.weight_of(k) for k in (a, b, c, None)] == [2.5, 1.0, 3.0, 1.0]
     assert (a.priority, a.deadline_ms, b.priority) == ("batch", 20000, "interactive")
-    assert registry.team_names == {"vision", "b", "default"}
+    assert registry.team_names == {"vision", "b", "c", "default"}
     assert registry.team_label("someone") == "other"
     assert registry.pools["p"].batch_aging_s == 30
+    auth["keys"][2]["team"] = "vision"  # a team's key takes the team's weight
+    with pytest.raises(ConfigError, match=r"auth\.keys\.2\.weight: a key of team 'vision'"):
+        make_registry(
+            {"p": ["http://127.0.0.1:1"]},
+            sections={"auth": auth, "teams": {"vision": {"weight": 2.5}}},
+        )
+    del auth["keys"][2]
     auth["keys"][1]["team"] = "visoin"
     with pytest.raises(ConfigError, match=r"auth\.keys\.1\.team: unknown team 'visoin'"):
         make_registry(
@@ -224,3 +233,32 @@ async def test_a_reload_changes_weights_and_aging_without_a_restart(tmp_path: Pa
             assert pool.queue.credit_s() == 0
             answer = await gw.client.post(GEN, json=body(), headers=bearer(HEAVY))
             assert answer.status_code == 200
+
+
+async def test_a_keys_weight_orders_the_queue_of_a_real_gateway() -> None:
+    """web-app (a key of weight 2, no team) and batch-job (team research, weight 1)
+    each queue four requests while a fifth holds the slot: the pool's order gives
+    web-app two for each one of research's."""
+    release = asyncio.Event()
+    release.set()
+    text = fair_registry("http://127.0.0.1:1", light={"weight": 2}, share_credit_s=0)
+    async with fake_worker(gated(release, 0.0)) as worker, released_at_exit(release):
+        text = text.replace("http://127.0.0.1:1", worker.url)
+        async with (
+            gateway_server(text) as (url, app),
+            httpx.AsyncClient(base_url=url, timeout=60) as client,
+        ):
+            heavy, light = post(client, HEAVY), post(client, LIGHT)
+            assert (await heavy(seed=1)).status_code == 200  # a step is timed
+            release.clear()
+            tasks = [asyncio.create_task(heavy(seed=2))]
+            await eventually(lambda: worker.calls == 2)
+            tasks += [asyncio.create_task(heavy(seed=10 + i)) for i in range(4)]
+            await eventually(lambda: len(pool_of(app).queue) == 4)
+            tasks += [asyncio.create_task(light(seed=20 + i)) for i in range(4)]
+            await eventually(lambda: len(pool_of(app).queue) == 8)
+            order = [ticket.team for ticket in pool_of(app).queue]
+            release.set()
+            assert [t.status_code for t in await asyncio.gather(*tasks)] == [200] * 9
+    w, r = "web-app", "research"
+    assert order == [w, w, r, w, w, r, r, r], order
