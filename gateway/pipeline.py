@@ -120,7 +120,7 @@ class Pipeline:
         headers = {"X-Request-ID": request_id}
         claim = Claim(
             team=team,
-            weight=registry.team_weight(team),
+            weight=registry.weight_of(key),
             priority=key.priority if key is not None else "interactive",
             steps=job.num_inference_steps,
             deadline_at=deadline_at,
