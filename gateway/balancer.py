@@ -7,8 +7,10 @@ never sleep and read the time only from the injected `clock`. `Attempt` (from
 waits, the deadline, retries. bench/balance.py drives the same core from a
 discrete-event simulation on a virtual clock. Nothing here knows HTTP.
 
-Choice. Waiting tickets (one try of one request each) are served in FIFO order. For
-each, among in-service workers with a free slot that it has not tried yet:
+Choice. Waiting tickets (one try of one request each) are served in the order of
+the pool's `FairQueue` (gateway/fairness.py: fair shares of GPU time between teams,
+priorities, FIFO within a team; with one team it is FIFO). For each, among
+in-service workers with a free slot that it has not tried yet:
   1. a worker warm for its adapter (in the worker's LRU of recently served ones);
   2. else wait for a busy warm worker, if a slot there is expected within
      `adapter_load_s` (loading the adapter elsewhere would cost about that much);
@@ -23,11 +25,19 @@ two drawn in proportion to `weight` and a tie broken at random in proportion to
 The affinity bound. Steps 2 and 4 let requests behind one go first. That can happen
 to a request only within `adapter_load_s` of the first time it did; from then on no
 request behind it is served before it, and it takes the first slot free for it. So
-its wait beyond its FIFO turn is at most `adapter_load_s`, plus the time for the slot
-releases it was overtaken by during that `adapter_load_s` to come round again.
+its wait beyond its turn (FIFO within a team, fair between teams) is at most
+`adapter_load_s`, plus the time for the slot releases it was overtaken by during
+that `adapter_load_s` to come round again.
 tests/test_balancer.py::test_affinity_bound_* check the rule on a fake clock;
 bench/balance.py measures the wait beyond the FIFO turn (at most 1.7 s there, with
 adapter_load_s 1 s and 9 slots).
+
+Deadlines. A ticket may carry `deadline_at`, when its client wants the image. Its
+latest useful start is that minus its estimated service time. `submit` refuses it at
+once (503, Retry-After) when its predicted start, the estimated work queued ahead of it
+in service order plus the work left on the running tries, spread over the slots in
+service, is later; `expire` takes out of the queue (503) every waiter whose latest
+start has passed. Before the pool has timed a step, nothing is refused by prediction.
 
 Metrics hooks: `PoolStats` and `WorkerStats` are plain counters bumped where things
 happen; `Worker.in_flight` and `len(Pool.queue)` are the gauges.
@@ -47,6 +57,7 @@ from typing import Literal
 
 from gateway.causes import Cause, Stage
 from gateway.errors import Overloaded, RequestError, UpstreamError
+from gateway.fairness import DEFAULT_TEAM, NO_CLAIM, Claim, FairQueue, Priority
 from gateway.health import WorkerHealth
 from gateway.registry import PoolSpec, Registry, WorkerSpec
 
@@ -77,6 +88,7 @@ class PoolStats:
     queue_wait_max_s: float = 0.0
     rejected_full: int = 0  # 503: the queue was full
     rejected_timeout: int = 0  # 503: waited queue_timeout_s
+    rejected_deadline: int = 0  # 503: could not start by its deadline (refused or expired)
     retries: int = 0
     retries_denied: int = 0  # by the retry budget
     retries_peak: int = 0  # most budgeted retries in progress at once
@@ -102,6 +114,12 @@ class Ticket:
     granted_at: float = 0.0
     passed_at: float | None = None  # first time affinity kept it waiting
     wake_at: float | None = None  # when that allowance runs out: dispatch again
+    # Fair order (gateway.fairness): whose share it uses, and how much of it.
+    team: str = DEFAULT_TEAM
+    weight: float = 1.0  # its team's weight, from the registry it was admitted under
+    priority: Priority = "interactive"
+    steps: int = 1  # num_inference_steps: the estimate of its GPU time scales with it
+    deadline_at: float | None = None  # on the pool's clock: when its client wants the image
 
 
 @dataclass(eq=False)
@@ -170,7 +188,11 @@ class Pool:
         self.clock = clock
         self._rng = rng
         self.workers: list[Worker] = []
-        self.queue: deque[Ticket] = deque()
+        self.queue: FairQueue[Ticket] = FairQueue(
+            clock=clock,
+            batch_aging_s=lambda: self.spec.batch_aging_s,
+            credit_s=lambda: self.spec.share_credit_s,
+        )
         self.stats = PoolStats()
         self.active = 0  # requests trying this pool now: the retry budget's base
         self.active_retries = 0
@@ -234,6 +256,16 @@ class Pool:
             self.stats.rejected_full += 1
             msg = f"pool {self.name!r} is overloaded: {self.spec.max_queue} requests waiting"
             raise Overloaded(msg, retry_after_s=self.retry_after_s())
+        latest = self.latest_start(ticket)
+        start = None if latest is None else self.predicted_start(ticket)
+        if start is not None and latest is not None and start > latest:
+            self.queue.remove(ticket)
+            self.stats.rejected_deadline += 1
+            msg = (
+                f"pool {self.name!r} cannot start this request by its deadline: it would "
+                f"start in about {start - ticket.queued_at:.1f}s, after the work queued ahead of it"
+            )
+            raise Overloaded(msg, retry_after_s=self.retry_after_s())
 
     def withdraw(self, ticket: Ticket) -> None:
         """The request behind `ticket` gave up (client gone, wait over): out of the
@@ -250,7 +282,9 @@ class Pool:
             return
         worker.running.remove(ticket)
         worker.in_flight -= 1
-        self._learn(worker, outcome, self.clock() - ticket.granted_at)
+        took = self.clock() - ticket.granted_at
+        self.queue.finished(ticket, took, ok=outcome == "ok")  # the team's actual charge
+        self._learn(worker, outcome, took)
         self.dispatch()
 
     def probed(self, worker: Worker, ok: bool) -> None:
@@ -266,10 +300,45 @@ class Pool:
             pass
 
     def next_wakeup(self) -> float | None:
-        """The next time a waiter's affinity allowance runs out (for a simulation)."""
+        """The next time a waiter's affinity allowance runs out, or its latest start
+        passes (for a simulation: then `expire` and `dispatch`)."""
         now = self.clock()
         times = [t.wake_at for t in self.queue if t.wake_at is not None and t.wake_at > now]
+        times += [t for t in map(self.latest_start, self.queue) if t is not None and t > now]
         return min(times, default=None)
+
+    # -- deadlines ------------------------------------------------------------------
+
+    def latest_start(self, ticket: Ticket) -> float | None:
+        """The last moment `ticket` can start and still be done by its deadline."""
+        if ticket.deadline_at is None:
+            return None
+        return ticket.deadline_at - self.queue.timed_estimate(ticket)
+
+    def predicted_start(self, ticket: Ticket) -> float | None:
+        """When a queued `ticket` is likely to get a slot: the work ahead of it in
+        service order and the work left on running tries, over the slots in service.
+        None before the pool has timed a step (no grounds to refuse anything)."""
+        slots = sum(w.spec.max_concurrency for w in self.workers if w.in_service)
+        if self.queue.step_s is None or not slots:
+            return None
+        now = self.clock()
+        running = sum(
+            max(0.0, cost - (now - t.granted_at)) for t, cost in self.queue.running_estimates()
+        )
+        return now + (self.queue.work_ahead(ticket) + running) / slots
+
+    def expire(self) -> None:
+        """Waiters whose latest start has passed leave the queue with 503: a slot
+        given now would draw an image its client no longer waits for."""
+        now = self.clock()
+        for ticket in list(self.queue):
+            latest = self.latest_start(ticket)
+            if latest is not None and latest <= now:
+                self.queue.remove(ticket)
+                self.stats.rejected_deadline += 1
+                msg = f"pool {self.name!r} could not start this request by its deadline"
+                self._fail(ticket, Overloaded(msg, retry_after_s=self.retry_after_s()))
 
     def retry_after_s(self) -> int:
         """Seconds until the queue, plus one, is likely served at the recent rate."""
@@ -428,12 +497,17 @@ class Pool:
 
     @contextmanager
     def attempt(
-        self, *, adapter: str | None, on_queued: Callable[[], None] | None = None
+        self,
+        *,
+        adapter: str | None,
+        on_queued: Callable[[], None] | None = None,
+        claim: Claim = NO_CLAIM,
     ) -> Iterator[Attempt]:
         """One client request's stay in this pool (counted for the retry budget).
         `on_queued` is called when a try has to wait for a slot (the front then
-        watches for the client going away, which it need not do otherwise)."""
-        attempt = Attempt(self, adapter, on_queued)
+        watches for the client going away, which it need not do otherwise); `claim`
+        says whose share its tries use (team, weight, priority, steps, deadline)."""
+        attempt = Attempt(self, adapter, on_queued, claim)
         self.active += 1
         try:
             yield attempt
@@ -481,11 +555,16 @@ class Attempt:
     """
 
     def __init__(
-        self, pool: Pool, adapter: str | None, on_queued: Callable[[], None] | None = None
+        self,
+        pool: Pool,
+        adapter: str | None,
+        on_queued: Callable[[], None] | None = None,
+        claim: Claim = NO_CLAIM,
     ) -> None:
         self.pool = pool
         self.adapter = adapter
         self.on_queued = on_queued
+        self.claim = claim
         self.deadline = pool.clock() + pool.spec.timeout_s
         self.tried: list[Worker] = []
         self.retries = 0
@@ -565,7 +644,18 @@ class Attempt:
             if not done.done():
                 done.set_result(None)
 
-        ticket = Ticket(self.adapter, notify, exclude=tuple(self.tried), retry=bool(self.tried))
+        claim = self.claim
+        ticket = Ticket(
+            self.adapter,
+            notify,
+            exclude=tuple(self.tried),
+            retry=bool(self.tried),
+            team=claim.team,
+            weight=claim.weight,
+            priority=claim.priority,
+            steps=claim.steps,
+            deadline_at=claim.deadline_at,
+        )
         until = min(self.deadline, pool.clock() + pool.spec.queue_timeout_s)
         pool.submit(ticket)
         if ticket.worker is None and ticket.error is None and self.on_queued is not None:
@@ -590,8 +680,12 @@ class Attempt:
         wake = until
         if ticket.wake_at is not None and ticket.wake_at > now:
             wake = min(wake, ticket.wake_at)
+        latest = self.pool.latest_start(ticket)
+        if latest is not None:
+            wake = max(now, min(wake, latest))
         await asyncio.wait([done], timeout=wake - now)
         if not done.done():
+            self.pool.expire()  # its latest start may have passed: 503, out of the queue
             self.pool.dispatch()  # its affinity allowance may have run out
 
     def _timed_out(self) -> RequestError:

@@ -43,7 +43,7 @@ _ERRORS = {
     "431": "the request line and headers are larger than `limits.max_header_bytes`",
     "4XX": "a worker refused the request's input; its status, one line of its reason",
     "502": "no worker produced an image",
-    "503": "no capacity now (see Retry-After)",
+    "503": "no capacity now, or none in time for X-Request-Deadline-Ms (see Retry-After)",
     "504": "a worker ran past its pool's deadline",
 }
 
@@ -116,6 +116,18 @@ def _generate_operation(security: list[dict[str, list[str]]]) -> dict[str, Any]:
     return {
         "summary": "Generate an image (Friendli Container's image API)",
         "operationId": "generateImage",
+        "parameters": [
+            {
+                "name": "X-Request-Deadline-Ms",
+                "in": "header",
+                "required": False,
+                "description": (
+                    "when, in ms from now, the image is wanted: refused at once (503) if "
+                    "the queue cannot start it in time; default: the key's deadline_ms"
+                ),
+                "schema": {"type": "integer", "minimum": 1, "maximum": 3_600_000},
+            }
+        ],
         "requestBody": {"required": True, "content": _json("ImageGenerationBody")},
         "responses": responses,
         "security": security,

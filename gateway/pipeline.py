@@ -22,6 +22,7 @@ from gateway.balancer import Balancer, Pool, Worker
 from gateway.cache import CachePolicy, ResultCache
 from gateway.coalesce import Coalescer, Produced
 from gateway.errors import UpstreamError, UpstreamRejected, ValidationFailed
+from gateway.fairness import NO_CLAIM, Claim
 from gateway.metrics import Metrics, Trace
 from gateway.protocols import Call, deterministic, protocol_for
 from gateway.registry import AdapterSpec, KeySpec, PoolSpec, Registry
@@ -73,12 +74,18 @@ class Pipeline:
         trace: Trace | None = None,
         cache_policy: CachePolicy = CachePolicy.USE,
         on_queued: Callable[[], None] | None = None,
+        deadline_s: float | None = None,
     ) -> Generation:
         """`key`: the caller's API key (None: auth is off); `trace` collects what
         happened, for the access log and metrics; `cache_policy`: the client's
-        Cache-Control; `on_queued`: called if the generation must wait for a worker."""
+        Cache-Control; `on_queued`: called if the generation must wait for a worker;
+        `deadline_s`: when, from now, the client wants the image (None: the key's
+        default deadline, or none)."""
         trace = trace or Trace()
         registry = self.registry
+        if deadline_s is None and key is not None and key.deadline_ms is not None:
+            deadline_s = key.deadline_ms / 1000
+        deadline_at = None if deadline_s is None else self.balancer.clock() + deadline_s
         adapter = registry.resolve(body.model)
         trace.adapter, trace.pool = adapter.name, adapter.pool
         authorize(key, adapter.name)
@@ -103,11 +110,23 @@ class Pipeline:
         cache_key = self.cache.key(adapter, job, variant=variant)
         found = await self.cache.lookup(cache_key, policy)
         trace.cache = found.status
+        team = registry.team_of(key)
+        trace.team = registry.team_label(team)
         if found.body is not None:
+            pool_state = self.balancer.pool(adapter.pool)
+            saved = job.num_inference_steps * (pool_state.queue.step_s or 0.0)
+            self.metrics.observe_cache_hit(trace.team, adapter.name, saved)
             return Generation(found.body, job.seed, adapter.name, found.status, "")
         headers = {"X-Request-ID": request_id}
+        claim = Claim(
+            team=team,
+            weight=registry.weight_of(key),
+            priority=key.priority if key is not None else "interactive",
+            steps=job.num_inference_steps,
+            deadline_at=deadline_at,
+        )
         produce = partial(
-            self._generate, adapter, job, cache_key, policy, headers, trace, on_queued
+            self._generate, adapter, job, cache_key, policy, headers, trace, on_queued, claim
         )
         started = time.perf_counter()
         try:
@@ -129,6 +148,7 @@ class Pipeline:
         headers: Mapping[str, str],
         trace: Trace,
         on_queued: Callable[[], None] | None,
+        claim: Claim,
     ) -> Produced:
         """One generation, shared by every request coalesced onto it: forward, store.
         Its queue and worker times go to the trace of the request that started it."""
@@ -137,7 +157,9 @@ class Pipeline:
         # nothing of the client's headers (its Authorization least of all).
         headers = {**pool.spec.headers, **headers}
         try:
-            image, worker = await self._forward(pool, adapter, job, headers, trace, on_queued)
+            image, worker = await self._forward(
+                pool, adapter, job, headers, trace, on_queued, claim
+            )
         except (UpstreamError, UpstreamRejected) as exc:
             exc.detail = f"adapter {adapter.name!r}: {exc.detail}"
             raise
@@ -152,11 +174,13 @@ class Pipeline:
         headers: Mapping[str, str],
         trace: Trace,
         on_queued: Callable[[], None] | None = None,
+        claim: Claim = NO_CLAIM,
     ) -> tuple[bytes, Worker]:
-        """Admit into the pool, pick a worker, send; retry elsewhere as the pool allows."""
+        """Admit into the pool, pick a worker, send; retry elsewhere as the pool allows.
+        Every try's time is GPU time of the claim's team (a failed one too)."""
         spec: PoolSpec = pool.spec
         protocol = protocol_for(spec.protocol)
-        with pool.attempt(adapter=job.model, on_queued=on_queued) as attempt:
+        with pool.attempt(adapter=job.model, on_queued=on_queued, claim=claim) as attempt:
             while True:
                 async with attempt.slot() as worker:
                     trace.queue_s += self.metrics.observe_queue_wait(pool.name, attempt.waited_s())
@@ -178,11 +202,13 @@ class Pipeline:
                     try:
                         image = await protocol.generate(call)
                     except UpstreamError as exc:
-                        trace.upstream_s += self.metrics.observe_try(
-                            pool.name, worker.name, started, exc
-                        )
+                        took = self.metrics.observe_try(pool.name, worker.name, started, exc)
+                        trace.upstream_s += took
+                        self.metrics.observe_gpu(trace.team, adapter.name, took, image=False)
                         attempt.retry_or_raise(exc)
                         self.metrics.retries.labels(pool.name, exc.reason).inc()
                         continue
-                    trace.upstream_s += self.metrics.observe_try(pool.name, worker.name, started)
+                    took = self.metrics.observe_try(pool.name, worker.name, started)
+                    trace.upstream_s += took
+                    self.metrics.observe_gpu(trace.team, adapter.name, took, image=True)
                     return image, worker

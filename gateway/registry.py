@@ -39,8 +39,10 @@ from pydantic import (
 from pydantic.functional_validators import AfterValidator
 
 from gateway.errors import ConfigError, UnknownModel
+from gateway.fairness import DEFAULT_TEAM, Priority
 
 Loc = tuple[str | int, ...]
+OTHER_TEAM = "other"  # the metric label of a team the registry does not name
 
 
 def _worker_url(url: str) -> str:
@@ -466,6 +468,12 @@ class PoolSpec(_Frozen):
     # most a request is kept waiting for a warm worker or passed over for one.
     warm_adapters: Annotated[int, Field(ge=0, le=1000)] = 4
     adapter_load_s: Annotated[float, Field(ge=0, le=600)] = 1.0
+    # Fair sharing (gateway/fairness.py): a batch request that has waited this long is
+    # served as interactive from then on, so batch never starves.
+    batch_aging_s: Annotated[float, Field(gt=0, le=86400)] = 60.0
+    # A team that used less than its share (or none) may run ahead of the others by at
+    # most this many GPU-seconds per unit of weight: room for a light team's bursts.
+    share_credit_s: Annotated[float, Field(ge=0, le=86400)] = 60.0
     # Retries go to another worker. Failures before a worker accepted the job
     # (connect error, reset before a response, 429, 503) are retried up to
     # max_retries; failures after it (500/502/504, a timeout, a cut-off body, a 200
@@ -559,6 +567,13 @@ class KeySpec(_Frozen):
     adapters: tuple[Name, ...] | None = None  # adapter names it may use; None: all
     rate: RateSpec | None = None
     max_concurrent: Annotated[int, Field(ge=1, le=10**6)] | None = None
+    # Fair sharing of GPU pools: whose share it uses (None: a team of its own, by its
+    # name), its requests' priority, and the deadline given to requests that send no
+    # X-Request-Deadline-Ms (None: no deadline).
+    team: Name | None = None
+    weight: Annotated[float, Field(gt=0, le=1000)] | None = None  # a key without a team
+    priority: Priority = "interactive"
+    deadline_ms: Annotated[int, Field(ge=1, le=3_600_000)] | None = None
 
     # cached_property, not PrivateAttr: these are read on every keyed request, and a
     # pydantic private attribute costs ~2 us a read (it goes through __getattr__).
@@ -569,6 +584,12 @@ class KeySpec(_Frozen):
     def may_use(self, adapter: str) -> bool:
         allowed = self.allowed
         return allowed is None or adapter in allowed
+
+
+class TeamSpec(_Frozen):
+    """A team's share of every pool it uses, relative to the other teams waiting."""
+
+    weight: Annotated[float, Field(gt=0, le=1000)] = 1.0
 
 
 class AuthSpec(_Frozen):
@@ -632,6 +653,7 @@ class Registry(_Frozen):
     log_prompts: bool = False  # prompts in the access log: off, they may be private
     limits: LimitsSpec = LimitsSpec()
     auth: AuthSpec | None = None  # None: the gateway is open to every caller
+    teams: Mapping[Name, TeamSpec] = Field(default_factory=dict)  # weights; unlisted: 1
     digest: str = ""  # sha256 prefix of the file's text: which registry is serving
 
     # cached_property, not PrivateAttr: read on every request, and a pydantic private
@@ -657,6 +679,33 @@ class Registry(_Frozen):
 
     def pool_of(self, adapter: AdapterSpec) -> PoolSpec:
         return self.pools[adapter.pool]
+
+    def team_of(self, key: KeySpec | None) -> str:
+        """The team whose share `key`'s requests use: its `team`, else its name."""
+        if key is None:
+            return DEFAULT_TEAM
+        return key.team if key.team is not None else key.name
+
+    def team_weight(self, team: str) -> float:
+        spec = self.teams.get(team)
+        return 1.0 if spec is None else spec.weight
+
+    def weight_of(self, key: KeySpec | None) -> float:
+        """The weight `key`'s requests carry: its own (a key without a team), else
+        its team's."""
+        if key is not None and key.weight is not None:
+            return key.weight
+        return self.team_weight(self.team_of(key))
+
+    @cached_property
+    def team_names(self) -> frozenset[str]:
+        """Every team a request can belong to: the bounded set of metric labels."""
+        keys = self.auth.keys if self.auth is not None else ()
+        return frozenset({DEFAULT_TEAM, *self.teams, *(self.team_of(key) for key in keys)})
+
+    def team_label(self, team: str) -> str:
+        """`team` as a metric label: one of `team_names`, else "other"."""
+        return team if team in self.team_names else OTHER_TEAM
 
     @cached_property
     def worker_slots(self) -> int:
@@ -755,6 +804,7 @@ def _cross_check(registry: Registry) -> Iterator[tuple[Loc, str]]:
                 yield ("pools", name, "workers", k, "url"), f"worker {url!r} is listed twice"
     if registry.auth is not None:
         yield from _check_auth(registry.auth, registry.model_names())
+        yield from _check_teams(registry.auth, registry.teams)
 
 
 def _check_adapter_for_pool(
@@ -824,6 +874,19 @@ def _check_auth(auth: AuthSpec, adapters: list[str]) -> Iterator[tuple[Loc, str]
             yield ("auth", field), f"same key hash as {owner[digest]}: give it its own key"
         if digest is not None:
             owner[digest] = field
+
+
+def _check_teams(auth: AuthSpec, teams: Mapping[str, TeamSpec]) -> Iterator[tuple[Loc, str]]:
+    """A key's weight is its team's when it has one; with a `teams` section, a key's
+    team must be one of it (a typo would otherwise give that key a team of its own at
+    weight 1, silently)."""
+    for i, key in enumerate(auth.keys):
+        if key.team is not None and key.weight is not None:
+            msg = f"a key of team {key.team!r} has its team's weight: set it under teams"
+            yield ("auth", "keys", i, "weight"), msg
+        if teams and key.team is not None and key.team not in teams:
+            known = ", ".join(sorted(teams))
+            yield ("auth", "keys", i, "team"), f"unknown team {key.team!r} (teams: {known})"
 
 
 def _where(source: str, root: yaml.Node | None, loc: Loc, msg: str) -> str:

@@ -61,6 +61,7 @@ async def _generate(request: Request, pipeline: Pipeline, key: KeySpec | None) -
         return Response(status_code=499)
     state = request.state
     policy = policy_from_cache_control(request.headers.get("cache-control"))
+    deadline_s = _deadline_s(request.headers.get(DEADLINE_HEADER))
     try:
         async with _DisconnectWatch(request) as watch:
             result = await pipeline.generate(
@@ -70,6 +71,7 @@ async def _generate(request: Request, pipeline: Pipeline, key: KeySpec | None) -
                 trace=state.trace,
                 cache_policy=policy,
                 on_queued=watch.start,
+                deadline_s=deadline_s,
             )
     except ClientDisconnect:
         return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
@@ -115,6 +117,23 @@ class _DisconnectWatch:
         if kind is not None and issubclass(kind, asyncio.CancelledError) and fired:
             self.task.uncancel()  # our own cancel, not the server's: end as a disconnect
             raise ClientDisconnect from None
+
+
+DEADLINE_HEADER = "x-request-deadline-ms"
+MAX_DEADLINE_MS = 3_600_000
+
+
+def _deadline_s(value: str | None) -> float | None:
+    """X-Request-Deadline-Ms: when, in milliseconds from now, the client wants the
+    image; None when not sent (the key's default applies)."""
+    if value is None:
+        return None
+    text = value.strip()
+    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= MAX_DEADLINE_MS:
+        msg = f"X-Request-Deadline-Ms must be a whole number of milliseconds, 1..{MAX_DEADLINE_MS}"
+        loc = ["header", "X-Request-Deadline-Ms"]
+        raise ValidationFailed([{"loc": loc, "msg": msg, "type": "deadline_invalid"}])
+    return int(text) / 1000
 
 
 async def _parse_body(request: Request, *, limits: LimitsSpec) -> ImageGenerationBody:

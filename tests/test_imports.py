@@ -34,6 +34,8 @@ LAYERS: dict[str, int] = {
     "gateway": 0,  # the package's __init__: empty
     # 1: why a try gave no image, the vocabulary under the exception tree
     "gateway.causes": 1,
+    # the fair order of a pool's waiters (sans-IO; the registry names its priorities)
+    "gateway.fairness": 1,
     # 2: vocabulary (errors, the request schema, log format)
     "gateway.errors": 2,
     "gateway.logs": 2,
