@@ -21,7 +21,7 @@ from gateway.discovery import Discovery, Resolver, resolve_dns
 from gateway.drain import Drain
 from gateway.errors import EXCEPTION_HANDLERS
 from gateway.metrics import CacheMetrics, Metrics
-from gateway.middleware import BodyLimitMiddleware, ObserveMiddleware, RequestIdMiddleware
+from gateway.middleware import GatewayMiddleware
 from gateway.openapi import openapi_json
 from gateway.pipeline import Pipeline
 from gateway.prober import Prober
@@ -100,14 +100,10 @@ def create_app(
                 yield
 
     # The body limit is read once here: a reload that changes it needs a restart.
-    body_limit = Middleware(BodyLimitMiddleware, max_bytes=registry.limits.max_body_bytes)
+    max_bytes = registry.limits.max_body_bytes
     app = Starlette(
         routes=ROUTES,
-        middleware=[
-            Middleware(RequestIdMiddleware),
-            Middleware(ObserveMiddleware, metrics=metrics),
-            body_limit,
-        ],
+        middleware=[Middleware(GatewayMiddleware, metrics=metrics, max_bytes=max_bytes)],
         exception_handlers=dict(EXCEPTION_HANDLERS),
         lifespan=lifespan,
     )

@@ -20,29 +20,6 @@ REQUEST_ID_HEADER = b"x-request-id"
 _SAFE_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 
 
-class RequestIdMiddleware:
-    """Takes a safe `X-Request-ID` from the client or makes one; echoes it on every
-    response (errors included) and leaves it in `scope["state"]["request_id"]`."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        request_id = _request_id(scope)
-        scope.setdefault("state", {})["request_id"] = request_id
-        raw = request_id.encode()
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), (REQUEST_ID_HEADER, raw)]
-            await send(message)
-
-        await self.app(scope, receive, send_with_id)
-
-
 def _request_id(scope: Scope) -> str:
     for name, value in scope["headers"]:
         if name == REQUEST_ID_HEADER and _SAFE_ID.match(value):
@@ -50,13 +27,28 @@ def _request_id(scope: Scope) -> str:
     return uuid.uuid4().hex
 
 
-class ObserveMiddleware:
-    """Request metrics and one JSON access-log line per request, from the `Trace` the
-    pipeline fills in (left in `scope["state"]["trace"]`)."""
+class GatewayMiddleware:
+    """Every cross-cutting concern of a request, as one ASGI layer (three layers cost
+    three coroutine frames and three `send` wrappers a request, measured in
+    bench/overhead.py --yardstick):
 
-    def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
+    - **request id**: a safe `X-Request-ID` from the client, or a new one; echoed on
+      every response (errors included) and left in `scope["state"]["request_id"]`;
+    - **observe**: request metrics and one JSON access-log line per request, from the
+      `Trace` the pipeline fills in (left in `scope["state"]["trace"]`); `X-Cache` on
+      every generation error answer;
+    - **body limit**: 413 for a request body over `max_bytes`, before the rest of it is
+      read. With a Content-Length the answer comes at once: the server never reads past
+      that length, so a request within it needs no further watching (the common case
+      costs one header scan). Without one (a chunked body) the bytes are counted as the
+      app receives them, and the read that passes the limit raises PayloadTooLarge,
+      which the app's error table turns into the same JSON 413.
+    """
+
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, max_bytes: int) -> None:
         self.app = app
         self.metrics = metrics
+        self.max_bytes = max_bytes
         self.log = logging.getLogger(ACCESS_LOGGER)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -64,24 +56,38 @@ class ObserveMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        trace = scope.setdefault("state", {})["trace"] = Trace()
+        request_id = _request_id(scope)
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        trace = state["trace"] = Trace()
+        raw_id = request_id.encode()
+        generation = scope["path"] == GENERATION_PATH
         status = 500  # what the client gets if the app raises before answering
 
-        async def send_and_note(message: Message) -> None:
+        async def send_noted(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                if status >= 400 and scope["path"] == GENERATION_PATH:
+                headers = [*message.get("headers", ())]
+                if status >= 400 and generation:
                     # X-Cache on every generation answer, errors too (a success sets its own).
-                    cache = (trace.cache or "bypass").encode()
-                    message["headers"] = [*message.get("headers", ()), (b"x-cache", cache)]
+                    headers.append((b"x-cache", (trace.cache or "bypass").encode()))
+                headers.append((REQUEST_ID_HEADER, raw_id))
+                message["headers"] = headers
             await send(message)
 
         try:
-            await self.app(scope, receive, send_and_note)
+            length = _content_length(scope)
+            if length is None:
+                await self.app(scope, _counting(receive, self.max_bytes), send_noted)
+            elif length > self.max_bytes:
+                too_large = error_response(PayloadTooLarge(self.max_bytes))
+                await too_large(scope, receive, send_noted)
+            else:
+                await self.app(scope, receive, send_noted)
         finally:
             elapsed = time.perf_counter() - started
-            if scope["path"] == GENERATION_PATH:
+            if generation:
                 self.metrics.observe_request(trace, status, elapsed)
             if scope["path"] not in QUIET_PATHS and self.log.isEnabledFor(logging.INFO):
                 self.log.info(
@@ -113,33 +119,6 @@ def _access_fields(scope: Scope, trace: Trace, status: int, elapsed: float) -> d
     if "key_name" in state:
         fields["key"] = state["key_name"]  # the key's name from the registry, never the key
     return fields
-
-
-class BodyLimitMiddleware:
-    """413 for a request body over `max_bytes`, before the rest of it is read.
-
-    With a Content-Length the answer comes at once: the server never reads past that
-    length, so a request within it needs no further watching (the common case costs
-    one header scan). Without one (a chunked body) the bytes are counted as the app
-    receives them, and the read that passes the limit raises PayloadTooLarge, which
-    the app's error table turns into the same JSON 413.
-    """
-
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        length = _content_length(scope)
-        if length is None:
-            await self.app(scope, _counting(receive, self.max_bytes), send)
-        elif length > self.max_bytes:
-            await error_response(PayloadTooLarge(self.max_bytes))(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
 
 
 def _content_length(scope: Scope) -> int | None:
