@@ -182,7 +182,7 @@ class Pipeline:
                             pool.name, worker.name, started, exc
                         )
                         attempt.retry_or_raise(exc)
-                        self.metrics.retries.labels(pool.name, exc.reason).inc()
+                        self.metrics.child(self.metrics.retries, pool.name, exc.reason).inc()
                         continue
                     trace.upstream_s += self.metrics.observe_try(pool.name, worker.name, started)
                     return image, worker
