@@ -90,9 +90,15 @@ class GatewayMiddleware:
             if generation:
                 self.metrics.observe_request(trace, status, elapsed)
             if scope["path"] not in QUIET_PATHS and self.log.isEnabledFor(logging.INFO):
-                self.log.info(
-                    "request", extra={"fields": _access_fields(scope, trace, status, elapsed)}
-                )
+                self._access_log(_access_fields(scope, trace, status, elapsed))
+
+    def _access_log(self, fields: dict[str, object]) -> None:
+        """`log.info("request", extra={"fields": fields})` without its search of the
+        stack for the caller's file and line, which no access line shows: a third of
+        the line's cost."""
+        log = self.log
+        extra = {"fields": fields}
+        log.handle(log.makeRecord(log.name, logging.INFO, "", 0, "request", (), None, extra=extra))
 
 
 def _access_fields(scope: Scope, trace: Trace, status: int, elapsed: float) -> dict[str, object]:
