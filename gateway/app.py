@@ -29,7 +29,7 @@ from gateway.protocols import open_worker_session
 from gateway.ratelimit import KeyLimits, open_rate_limiter, redis_for
 from gateway.registry import Registry, load_registry
 from gateway.reload import RegistryFile, Reloader
-from gateway.routes import ROUTES
+from gateway.routes import ROUTES, generate_image
 from gateway.server import CUTOFFS, use_served_limits
 from gateway.settings import Settings
 from gateway.state import AppState, Served
@@ -103,7 +103,11 @@ def create_app(
     max_bytes = registry.limits.max_body_bytes
     app = Starlette(
         routes=ROUTES,
-        middleware=[Middleware(GatewayMiddleware, metrics=metrics, max_bytes=max_bytes)],
+        middleware=[
+            Middleware(
+                GatewayMiddleware, metrics=metrics, max_bytes=max_bytes, generation=generate_image
+            )
+        ],
         exception_handlers=dict(EXCEPTION_HANDLERS),
         lifespan=lifespan,
     )

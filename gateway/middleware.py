@@ -7,16 +7,21 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Awaitable, Callable
+from typing import cast
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, HTTPExceptionHandler, Message, Receive, Scope, Send
 
-from gateway.errors import PayloadTooLarge, error_response
+from gateway.errors import EXCEPTION_HANDLERS, PayloadTooLarge, error_response
 from gateway.logs import ACCESS_LOGGER
 from gateway.metrics import Metrics, Trace
 
 GENERATION_PATH = "/v1/images/generations"
 QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and scrapes: no log
 REQUEST_ID_HEADER = b"x-request-id"
+Endpoint = Callable[[Request], Awaitable[Response]]
 _SAFE_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -43,13 +48,35 @@ class GatewayMiddleware:
       costs one header scan). Without one (a chunked body) the bytes are counted as the
       app receives them, and the read that passes the limit raises PayloadTooLarge,
       which the app's error table turns into the same JSON 413.
+
+    `generation`, when given, is the `POST /v1/images/generations` endpoint, called
+    from here rather than through Starlette's exception middleware, router and route
+    wrapper (four more layers, a route-by-route match, on the request the gateway
+    exists for): its errors go through the same table (`EXCEPTION_HANDLERS`, the
+    handler of the nearest class), and an error with none there (a bug) propagates to
+    Starlette's 500 as before. Every other request, and any other method on that path
+    (405), goes through the app.
     """
 
-    def __init__(self, app: ASGIApp, *, metrics: Metrics, max_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        metrics: Metrics,
+        max_bytes: int,
+        generation: Endpoint | None = None,
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_bytes = max_bytes
+        self.generation = generation
         self.log = logging.getLogger(ACCESS_LOGGER)
+        # Exception (a bug) is left to Starlette's ServerErrorMiddleware, as there.
+        self.handlers: dict[type, HTTPExceptionHandler] = {
+            kind: cast(HTTPExceptionHandler, handler)
+            for kind, handler in EXCEPTION_HANDLERS.items()
+            if kind is not Exception
+        }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -79,10 +106,12 @@ class GatewayMiddleware:
         try:
             length = _content_length(scope)
             if length is None:
-                await self.app(scope, _counting(receive, self.max_bytes), send_noted)
+                receive = _counting(receive, self.max_bytes)
             elif length > self.max_bytes:
-                too_large = error_response(PayloadTooLarge(self.max_bytes))
-                await too_large(scope, receive, send_noted)
+                await error_response(PayloadTooLarge(self.max_bytes))(scope, receive, send_noted)
+                return
+            if generation and self.generation is not None and scope["method"] == "POST":
+                await self._call(self.generation, scope, receive, send_noted)
             else:
                 await self.app(scope, receive, send_noted)
         finally:
@@ -91,6 +120,29 @@ class GatewayMiddleware:
                 self.metrics.observe_request(trace, status, elapsed)
             if scope["path"] not in QUIET_PATHS and self.log.isEnabledFor(logging.INFO):
                 self._access_log(_access_fields(scope, trace, status, elapsed))
+
+    async def _call(self, endpoint: Endpoint, scope: Scope, receive: Receive, send: Send) -> None:
+        """What Starlette's route wrapper does for an endpoint: a Request, the answer,
+        and an exception turned into its handler's answer unless one already began."""
+        request = Request(scope, receive, send)
+        started = False
+
+        async def send_started(message: Message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            response = await endpoint(request)
+            await response(scope, receive, send_started)
+        except Exception as exc:
+            kinds = type(exc).__mro__
+            handler = next((self.handlers[k] for k in kinds if k in self.handlers), None)
+            if handler is None or started:
+                raise
+            # The table's handlers are all coroutines (gateway.errors).
+            answer = await cast(Awaitable[Response], handler(request, exc))
+            await answer(scope, receive, send)
 
     def _access_log(self, fields: dict[str, object]) -> None:
         """`log.info("request", extra={"fields": fields})` without its search of the
