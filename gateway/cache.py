@@ -48,6 +48,11 @@ T = TypeVar("T")
 KEY_VERSION = "v1"
 
 
+# json.dumps(fields, sort_keys=True, separators=(",", ":"), allow_nan=False), made once:
+# dumps with options builds a new encoder every call.
+_KEY_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
 def cache_key(
     adapter: AdapterSpec, job: WorkerRequest, *, namespace: str, variant: str | None = None
 ) -> str:
@@ -81,7 +86,7 @@ def cache_key(
         ]
     if job.controlnet_weights is not None:
         fields["controlnet_weights"] = [float(w) for w in job.controlnet_weights]
-    text = json.dumps(fields, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    text = _KEY_ENCODER.encode(fields)
     return f"{namespace}:{KEY_VERSION}:{hashlib.sha256(text.encode()).hexdigest()}"
 
 
