@@ -80,7 +80,8 @@ class Row:
     name: str
     url: str
     gateway: bool  # sends the API key, answers X-Cache and X-Request-ID
-    pid: int  # the serving process (nginx's master, a gateway's), for its CPU time
+    pid: int  # the serving process (nginx's master, a gateway's): py-spy's target
+    servers: tuple[int, ...]  # every server process whose CPU a request may use
 
 
 def server_pin(processes: int) -> list[str]:
@@ -203,7 +204,8 @@ def nginx(
 
 
 @contextmanager
-def redis_server(tmp: Path, port: int, pin: list[str]) -> Iterator[str]:
+def redis_server(tmp: Path, port: int, pin: list[str]) -> Iterator[tuple[str, int]]:
+    """redis-server on `port`, no persistence: its URL and process id."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise SystemExit("redis-server not found: apt-get install -y redis-server")
@@ -216,7 +218,7 @@ def redis_server(tmp: Path, port: int, pin: list[str]) -> Iterator[str]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit("redis-server did not start")
             time.sleep(0.02)
-        yield f"redis://127.0.0.1:{port}"
+        yield f"redis://127.0.0.1:{port}", proc.pid
     finally:
         stop(proc)
 
@@ -259,6 +261,21 @@ def gateway(
         stop(proc)
 
 
+@contextmanager
+def bare_asgi(tmp: Path, answer: bytes, port: int, pin: list[str]) -> Iterator[int]:
+    """bench.bare_asgi: the server the gateway runs on, answering the cached answer with
+    no gateway work at all (the floor of a hit). Its process id."""
+    body = tmp / "bare.json"
+    body.write_bytes(answer)
+    cmd = [sys.executable, "-m", "bench.bare_asgi", "--port", str(port), "--body-file", str(body)]
+    proc = subprocess.Popen([*pin, *cmd])
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", proc=proc, path="/")
+        yield proc.pid
+    finally:
+        stop(proc)
+
+
 def post(url: str, body: bytes, headers: Mapping[str, str]) -> tuple[int, dict[str, str], bytes]:
     request = urllib.request.Request(url + PATH, data=body, headers=dict(headers), method="POST")
     with urllib.request.urlopen(request, timeout=10) as resp:
@@ -276,6 +293,8 @@ def check_features(
             status, got, answer = post(row.url, body, keyed if row.gateway else headers)
             if status != 200 or not answer.startswith(b'{"image":"'):
                 raise SystemExit(f"{row.name}: HTTP {status}, not an image answer")
+        if row.name == "bare uvicorn":
+            continue
         want_hit = row.name in ("nginx cache", "gateway memory", "gateway redis")
         cache = got.get("x-cache", "").lower()
         if want_hit and cache != "hit":
@@ -322,13 +341,13 @@ def run_yardstick(
     plain = {"Content-Type": "application/json"}
     keyed = {**plain, "Authorization": f"Bearer {BENCH_KEY}"}
     pin = server_pin(processes)
-    names = ("upstream", "proxy", "cache", "redis", "miss", "memory", "rediscache")
+    names = ("upstream", "proxy", "cache", "redis", "miss", "memory", "rediscache", "bare")
     ports = {name: _free_port() for name in names}
     url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
     with tempfile.TemporaryDirectory() as tmp_name, ExitStack() as stack:
         tmp = Path(tmp_name)
         nginx_pid = stack.enter_context(nginx(tmp, answer, ports, workers=processes, pin=pin))
-        redis_url = stack.enter_context(redis_server(tmp, ports["redis"], pin))
+        redis_url, redis_pid = stack.enter_context(redis_server(tmp, ports["redis"], pin))
         caches = {
             "miss": "{enabled: false}",
             "memory": "{enabled: true}",
@@ -347,14 +366,17 @@ def run_yardstick(
             )
             for name, cache in caches.items()
         ]
+        bare_pid = stack.enter_context(bare_asgi(tmp, answer, ports["bare"], pin))
         logs, pids = [log for log, _ in served], [pid for _, pid in served]
+        shared = (nginx_pid, redis_pid)  # the upstream and nginx's yardsticks; Redis
         rows = [
-            Row("direct", url["upstream"], False, nginx_pid),
-            Row("nginx proxy", url["proxy"], False, nginx_pid),
-            Row("nginx cache", url["cache"], False, nginx_pid),
-            Row("gateway miss", url["miss"], True, pids[0]),
-            Row("gateway memory", url["memory"], True, pids[1]),
-            Row("gateway redis", url["rediscache"], True, pids[2]),
+            Row("direct", url["upstream"], False, nginx_pid, shared),
+            Row("nginx proxy", url["proxy"], False, nginx_pid, shared),
+            Row("nginx cache", url["cache"], False, nginx_pid, shared),
+            Row("bare uvicorn", url["bare"], False, bare_pid, (bare_pid, *shared)),
+            Row("gateway miss", url["miss"], True, pids[0], (pids[0], *shared)),
+            Row("gateway memory", url["memory"], True, pids[1], (pids[1], *shared)),
+            Row("gateway redis", url["rediscache"], True, pids[2], (pids[2], *shared)),
         ]
         features = check_features(rows, body, plain, BENCH_KEY, logs)
         counted_before = requests_counted(url["miss"], BENCH_KEY)
@@ -386,10 +408,13 @@ def run_yardstick(
 
 
 def measure(row: Row, conc: int, duration: float, headers: Mapping[str, str]) -> Result:
-    """A wrk run on `row`, with the CPU time its server's processes spent per request."""
-    before = _tree_cpu_s(row.pid)
+    """A wrk run on `row`, with the CPU time the servers spent per request: the row's
+    gateway, nginx (the upstream, and the yardstick's own work on nginx rows) and
+    redis-server. What the run counts against each request, however busy the machine."""
+    before = sum(_tree_cpu_s(pid) for pid in row.servers)
     result = load(Target(row.url), conc, duration, headers)
-    result.cpu_us = (_tree_cpu_s(row.pid) - before) / max(1, result.requests) * 1e6
+    spent = sum(_tree_cpu_s(pid) for pid in row.servers) - before
+    result.cpu_us = spent / max(1, result.requests) * 1e6
     return result
 
 
@@ -426,27 +451,37 @@ def py_spy(row: Row, directory: Path, duration: float, processes: int) -> Iterat
 
 
 def ratios(results: Mapping[tuple[str, int], Result]) -> dict[str, float]:
-    """Issue 14's figures, from one round's results."""
+    """Issue 14's figures, from one round's results: the req/s ratios (the issue's),
+    and the same ratios of the servers' CPU per request (nginx's over the gateway's),
+    which is what the req/s ratio is when the servers' core is theirs alone."""
 
     def rps(name: str) -> float:
         return results[name, 16].rps
+
+    def cpu(name: str, conc: int = 16) -> float:
+        return results[name, conc].cpu_us or float("nan")
 
     def p50(name: str) -> float:
         return results[name, 1].p50_ms
 
     return {
         "miss / nginx proxy": rps("gateway miss") / rps("nginx proxy"),
-        "added p50 c=1 (ms)": p50("gateway miss") - p50("direct"),
-        "nginx proxy added p50 c=1 (ms)": p50("nginx proxy") - p50("direct"),
         "memory hit / nginx cache": rps("gateway memory") / rps("nginx cache"),
         "redis hit / nginx cache": rps("gateway redis") / rps("nginx cache"),
+        "added p50 c=1 (ms)": p50("gateway miss") - p50("direct"),
+        "nginx proxy added p50 c=1 (ms)": p50("nginx proxy") - p50("direct"),
+        "cpu: miss / nginx proxy": cpu("nginx proxy") / cpu("gateway miss"),
+        "cpu: memory hit / nginx cache": cpu("nginx cache") / cpu("gateway memory"),
+        "cpu: redis hit / nginx cache": cpu("nginx cache") / cpu("gateway redis"),
+        "cpu: added at c=1 (ms)": (cpu("gateway miss", 1) - cpu("direct", 1)) / 1000,
+        "cpu: bare uvicorn / nginx cache": cpu("nginx cache") / cpu("bare uvicorn"),
     }
 
 
 def report(rows: Sequence[Row], runs: Sequence[Mapping[tuple[str, int], Result]]) -> None:
     print(
         f"{'row':<15} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'cpu us/req':>10}"
-        "   (medians; cpu: the row's server process tree, nginx's includes the upstream)"
+        "   (medians; cpu: every server's CPU per request, the upstream included)"
     )
     for row in rows:
         for conc in (1, 16):
@@ -463,9 +498,10 @@ def report(rows: Sequence[Row], runs: Sequence[Mapping[tuple[str, int], Result]]
         values = [r[name] for r in per_round]
         median = statistics.median(values)
         shown = " ".join(f"{v:.2f}" for v in values)
-        if name in GOALS:
-            goal = f">= {GOALS[name]:.2f} {'met' if median >= GOALS[name] else 'NOT MET'}"
-        elif name.startswith("added"):
+        figure = name.removeprefix("cpu: ")
+        if figure in GOALS:
+            goal = f">= {GOALS[figure]:.2f} {'met' if median >= GOALS[figure] else 'NOT MET'}"
+        elif figure.startswith("added"):
             met = "met" if median <= ADDED_P50_GOAL_MS else "NOT MET"
             goal = f"<= +{ADDED_P50_GOAL_MS:.2f} {met}"
         else:
