@@ -109,7 +109,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.yardstick:
         from bench.yardstick import run_yardstick  # it imports this module
 
-        run_yardstick(args.size, args.duration, args.rounds, args.processes, args.profile)
+        run_yardstick(
+            args.size, args.duration, args.rounds, args.processes, args.profile, args.baseline
+        )
         return
     if args.check_only:
         report_check(image_response(args.size))

@@ -243,19 +243,27 @@ def gateway_config(upstream: str, cache: str, auth: str) -> str:
 
 @contextmanager
 def gateway(
-    tmp: Path, name: str, config: str, port: int, *, processes: int, pin: list[str]
+    tmp: Path,
+    name: str,
+    config: str,
+    port: int,
+    *,
+    processes: int,
+    pin: list[str],
+    tree: Path | None = None,
 ) -> Iterator[tuple[Path, int]]:
     """`gateway serve` as an operator runs it (log level info: the access log on, to a
-    file); the path of its log and its process id."""
+    file), from this checkout or `tree`; the path of its log and its process id."""
     path = tmp / f"{name}.yaml"
     path.write_text(config)
     log = tmp / f"{name}.log"
     cmd = [*pin, sys.executable, "-m", "gateway", "serve", "--config", str(path)]
     cmd += ["--port", str(port), "--log-level", "info", "--processes", str(processes)]
+    env = {**os.environ, "PYTHONPATH": str(tree.resolve())} if tree else None
     with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stderr=out, stdout=out)
+        proc = subprocess.Popen(cmd, stderr=out, stdout=out, env=env, cwd=tree)
     try:
-        wait_healthy(f"http://127.0.0.1:{port}", proc=proc, path="/healthz")
+        wait_healthy(f"http://127.0.0.1:{port}", proc=proc, path="/healthz", timeout_s=90)
         yield log, proc.pid
     finally:
         stop(proc)
@@ -283,22 +291,31 @@ def post(url: str, body: bytes, headers: Mapping[str, str]) -> tuple[int, dict[s
 
 
 def check_features(
-    rows: Sequence[Row], body: bytes, headers: Mapping[str, str], key: str, logs: Sequence[Path]
+    rows: Sequence[Row],
+    body: bytes,
+    headers: Mapping[str, str],
+    key: str,
+    logs: Sequence[Path],
+    processes: int,
 ) -> list[str]:
     """Each feature seen working once, before any load: what the report says is on."""
     keyed = {**headers, "Authorization": f"Bearer {key}"}
     seen: list[str] = []
     for row in rows:
-        for _ in range(2):  # the first fills a cache, the second must hit it
+        want_hit = row.name.endswith(("cache", "memory", "redis"))
+        # The first fills a cache; a later one must hit it (with N processes, each
+        # memory cache fills on its own first request: N + 1 tries, and some more).
+        for _ in range(2 + 4 * (processes - 1)):
             status, got, answer = post(row.url, body, keyed if row.gateway else headers)
             if status != 200 or not answer.startswith(b'{"image":"'):
                 raise SystemExit(f"{row.name}: HTTP {status}, not an image answer")
+            cache = got.get("x-cache", "").lower()
+            if want_hit and cache == "hit":
+                break
         if row.name == "bare uvicorn":
             continue
-        want_hit = row.name in ("nginx cache", "gateway memory", "gateway redis")
-        cache = got.get("x-cache", "").lower()
         if want_hit and cache != "hit":
-            raise SystemExit(f"{row.name}: the second request was not a cache hit ({cache!r})")
+            raise SystemExit(f"{row.name}: no cache hit after the first request ({cache!r})")
         if row.gateway:
             if "x-request-id" not in got:
                 raise SystemExit(f"{row.name}: no X-Request-ID on the answer")
@@ -334,14 +351,23 @@ def requests_counted(url: str, key: str) -> float:
 
 
 def run_yardstick(
-    size: int, duration: float, rounds: int, processes: int, profile: Path | None = None
+    size: int,
+    duration: float,
+    rounds: int,
+    processes: int,
+    profile: Path | None = None,
+    baseline: Path | None = None,
 ) -> None:
+    """`baseline`: another checkout of the gateway, whose three gateways are loaded in
+    the same rounds ("old ..." rows), for a before/after inside one run."""
     answer = image_response(size)
     body = json.dumps(BODY).encode()
     plain = {"Content-Type": "application/json"}
     keyed = {**plain, "Authorization": f"Bearer {BENCH_KEY}"}
     pin = server_pin(processes)
-    names = ("upstream", "proxy", "cache", "redis", "miss", "memory", "rediscache", "bare")
+    names = ["upstream", "proxy", "cache", "redis", "miss", "memory", "rediscache", "bare"]
+    names += ["old miss", "old memory", "old rediscache"] if baseline else []
+    names += ["1p miss", "1p memory", "1p rediscache"] if processes > 1 else []
     ports = {name: _free_port() for name in names}
     url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
     with tempfile.TemporaryDirectory() as tmp_name, ExitStack() as stack:
@@ -353,32 +379,50 @@ def run_yardstick(
             "memory": "{enabled: true}",
             "rediscache": f"{{enabled: true, url: '{redis_url}'}}",
         }
+        trees: dict[str, Path | None] = dict.fromkeys(caches)
+        counts = dict.fromkeys(caches, processes)
+        if processes > 1:  # the same gateways with one process, on core 0 alone
+            caches |= {f"1p {name}": cache for name, cache in caches.items()}
+            counts |= dict.fromkeys(("1p miss", "1p memory", "1p rediscache"), 1)
+        if baseline:  # the old ones keep their Redis entries apart (another namespace)
+            old = f"{{enabled: true, url: '{redis_url}', namespace: old}}"
+            caches |= {"old miss": caches["miss"], "old memory": caches["memory"]}
+            caches["old rediscache"] = old
+            trees |= dict.fromkeys(("old miss", "old memory", "old rediscache"), baseline)
+            counts |= dict.fromkeys(("old miss", "old memory", "old rediscache"), processes)
         served = [
             stack.enter_context(
                 gateway(
                     tmp,
-                    name,
+                    name.replace(" ", "-"),
                     gateway_config(url["upstream"], cache, _auth_section()),
                     ports[name],
-                    processes=processes,
-                    pin=pin,
+                    processes=counts[name],
+                    pin=pin if counts[name] == processes else server_pin(1),
+                    tree=trees.get(name),
                 )
             )
             for name, cache in caches.items()
         ]
         bare_pid = stack.enter_context(bare_asgi(tmp, answer, ports["bare"], pin))
-        logs, pids = [log for log, _ in served], [pid for _, pid in served]
+        logs = [log for log, _ in served]
+        pid = {name: pid for name, (_, pid) in zip(caches, served, strict=True)}
         shared = (nginx_pid, redis_pid)  # the upstream and nginx's yardsticks; Redis
         rows = [
             Row("direct", url["upstream"], False, nginx_pid, shared),
             Row("nginx proxy", url["proxy"], False, nginx_pid, shared),
             Row("nginx cache", url["cache"], False, nginx_pid, shared),
             Row("bare uvicorn", url["bare"], False, bare_pid, (bare_pid, *shared)),
-            Row("gateway miss", url["miss"], True, pids[0], (pids[0], *shared)),
-            Row("gateway memory", url["memory"], True, pids[1], (pids[1], *shared)),
-            Row("gateway redis", url["rediscache"], True, pids[2], (pids[2], *shared)),
         ]
-        features = check_features(rows, body, plain, BENCH_KEY, logs)
+        # Gateway rows: "gateway miss" (this tree, N processes), "1p miss" (this tree,
+        # one process: only with N > 1), "old miss" (--baseline), and so on.
+        for prefix in ("", "1p ", "old "):
+            for path, key in (("miss", "miss"), ("memory", "memory"), ("redis", "rediscache")):
+                if prefix + key in pid:
+                    served_by = pid[prefix + key]
+                    name = f"{prefix or 'gateway '}{path}"
+                    rows.append(Row(name, url[prefix + key], True, served_by, (served_by, *shared)))
+        features = check_features(rows, body, plain, BENCH_KEY, logs, processes)
         counted_before = requests_counted(url["miss"], BENCH_KEY)
         runs: list[dict[tuple[str, int], Result]] = []
         for round_ in range(rounds):
@@ -464,18 +508,32 @@ def ratios(results: Mapping[tuple[str, int], Result]) -> dict[str, float]:
     def p50(name: str) -> float:
         return results[name, 1].p50_ms
 
-    return {
-        "miss / nginx proxy": rps("gateway miss") / rps("nginx proxy"),
-        "memory hit / nginx cache": rps("gateway memory") / rps("nginx cache"),
-        "redis hit / nginx cache": rps("gateway redis") / rps("nginx cache"),
-        "added p50 c=1 (ms)": p50("gateway miss") - p50("direct"),
-        "nginx proxy added p50 c=1 (ms)": p50("nginx proxy") - p50("direct"),
-        "cpu: miss / nginx proxy": cpu("nginx proxy") / cpu("gateway miss"),
-        "cpu: memory hit / nginx cache": cpu("nginx cache") / cpu("gateway memory"),
-        "cpu: redis hit / nginx cache": cpu("nginx cache") / cpu("gateway redis"),
-        "cpu: added at c=1 (ms)": (cpu("gateway miss", 1) - cpu("direct", 1)) / 1000,
-        "cpu: bare uvicorn / nginx cache": cpu("nginx cache") / cpu("bare uvicorn"),
+    old = {
+        f"cpu: new / old, {path}": cpu(f"gateway {path}") / cpu(f"old {path}")
+        for path in ("miss", "memory", "redis")
+        if ("old " + path, 16) in results
     }
+    scaling = {
+        f"N processes / 1, {path}": rps(f"gateway {path}") / rps(f"1p {path}")
+        for path in ("miss", "memory", "redis")
+        if ("1p " + path, 16) in results
+    }
+    return (
+        old
+        | scaling
+        | {
+            "miss / nginx proxy": rps("gateway miss") / rps("nginx proxy"),
+            "memory hit / nginx cache": rps("gateway memory") / rps("nginx cache"),
+            "redis hit / nginx cache": rps("gateway redis") / rps("nginx cache"),
+            "added p50 c=1 (ms)": p50("gateway miss") - p50("direct"),
+            "nginx proxy added p50 c=1 (ms)": p50("nginx proxy") - p50("direct"),
+            "cpu: miss / nginx proxy": cpu("nginx proxy") / cpu("gateway miss"),
+            "cpu: memory hit / nginx cache": cpu("nginx cache") / cpu("gateway memory"),
+            "cpu: redis hit / nginx cache": cpu("nginx cache") / cpu("gateway redis"),
+            "cpu: added at c=1 (ms)": (cpu("gateway miss", 1) - cpu("direct", 1)) / 1000,
+            "cpu: bare uvicorn / nginx cache": cpu("nginx cache") / cpu("bare uvicorn"),
+        }
+    )
 
 
 def report(rows: Sequence[Row], runs: Sequence[Mapping[tuple[str, int], Result]]) -> None:
@@ -501,6 +559,10 @@ def report(rows: Sequence[Row], runs: Sequence[Mapping[tuple[str, int], Result]]
         figure = name.removeprefix("cpu: ")
         if figure in GOALS:
             goal = f">= {GOALS[figure]:.2f} {'met' if median >= GOALS[figure] else 'NOT MET'}"
+        elif figure.startswith("N processes"):
+            goal = "(req/s, N vs 1 in this run)"
+        elif figure.startswith("new / old"):
+            goal = "(this tree / --baseline)"
         elif figure.startswith("added"):
             met = "met" if median <= ADDED_P50_GOAL_MS else "NOT MET"
             goal = f"<= +{ADDED_P50_GOAL_MS:.2f} {met}"
