@@ -119,7 +119,7 @@ class _Reader(asyncio.BufferedProtocol):
                 data_end = line_end + 2 + size
                 if self.end < data_end + 2:
                     return False
-                value = bytes(buffer[line_end + 2 : data_end])
+                value = bytes(memoryview(buffer)[line_end + 2 : data_end])  # one copy
                 self.start = data_end + 2
         elif kind in (0x2B, 0x3A):  # + or :, a status or an integer (AUTH, SELECT)
             value = bytes(buffer[start + 1 : line_end])
