@@ -111,7 +111,10 @@ class _Reader(asyncio.BufferedProtocol):
             return False
         kind = buffer[start]
         if kind == 0x24:  # $: a bulk string, or $-1 for none
-            size = int(buffer[start + 1 : line_end])
+            try:
+                size = int(buffer[start + 1 : line_end])
+            except ValueError:
+                raise ConnectionError("Redis answered a bulk string without a length") from None
             if size < 0:
                 value: bytes | Exception | None = None
                 self.start = line_end + 2

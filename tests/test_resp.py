@@ -115,3 +115,37 @@ async def test_the_cache_uses_it_for_plain_redis_and_fails_open_on_a_stalled_one
             assert reader.transport.is_closing()  # given up: dropped, not waited on
         finally:
             await stalled.aclose()
+
+
+@pytest.mark.parametrize("answer", [b"HTTP/1.1 400 Bad Request\r\n\r\n", b"$x\r\n"])
+async def test_an_answer_that_is_not_resp_fails_the_get_and_drops_the_connection(
+    answer: bytes,
+) -> None:
+    hung_up = asyncio.Event()
+
+    async def not_redis(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readline()
+            writer.write(answer)
+            await writer.drain()
+            await reader.read()  # until the client hangs up
+        finally:
+            writer.close()
+            await writer.wait_closed()
+            hung_up.set()
+
+    server = await asyncio.start_server(not_redis, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    fast = PipelinedGet.from_url(f"redis://127.0.0.1:{port}")
+    try:
+        with pytest.raises(ConnectionError, match=r"RESP2|length"):
+            await fast.get("k")
+        reader = fast._reader
+        assert reader is not None
+        assert reader.transport is not None
+        assert reader.transport.is_closing()
+        await asyncio.wait_for(hung_up.wait(), 10)  # the server saw the connection go
+    finally:
+        await fast.aclose()
+        server.close()
+        await server.wait_closed()
