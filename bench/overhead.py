@@ -104,7 +104,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--baseline", type=Path, help="another gateway checkout to compare")
     parser.add_argument("--rounds", type=int, default=1, help="gateway/baseline rounds")
     parser.add_argument("--protocols", action="store_true", help="a row per worker protocol")
+    parser.add_argument("--yardstick", action="store_true", help="against nginx (issue 14)")
+    parser.add_argument("--processes", type=int, default=1, help="--yardstick: per server")
+    parser.add_argument("--profile", type=Path, help="--yardstick: py-spy SVGs into this dir")
     args = parser.parse_args(argv)
+    if args.yardstick:
+        from bench.yardstick import run_yardstick  # it imports this module
+
+        run_yardstick(
+            args.size, args.duration, args.rounds, args.processes, args.profile, args.baseline
+        )
+        return
     if args.check_only:
         report_check(image_response(args.size))
         return

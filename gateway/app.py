@@ -21,7 +21,7 @@ from gateway.discovery import Discovery, Resolver, resolve_dns
 from gateway.drain import Drain
 from gateway.errors import EXCEPTION_HANDLERS
 from gateway.metrics import CacheMetrics, Metrics
-from gateway.middleware import BodyLimitMiddleware, ObserveMiddleware, RequestIdMiddleware
+from gateway.middleware import GatewayMiddleware
 from gateway.openapi import openapi_json
 from gateway.pipeline import Pipeline
 from gateway.prober import Prober
@@ -29,7 +29,7 @@ from gateway.protocols import open_worker_session
 from gateway.ratelimit import KeyLimits, open_rate_limiter, redis_for
 from gateway.registry import Registry, load_registry
 from gateway.reload import RegistryFile, Reloader
-from gateway.routes import ROUTES
+from gateway.routes import ROUTES, generate_image
 from gateway.server import CUTOFFS, use_served_limits
 from gateway.settings import Settings
 from gateway.state import AppState, Served
@@ -100,13 +100,13 @@ def create_app(
                 yield
 
     # The body limit is read once here: a reload that changes it needs a restart.
-    body_limit = Middleware(BodyLimitMiddleware, max_bytes=registry.limits.max_body_bytes)
+    max_bytes = registry.limits.max_body_bytes
     app = Starlette(
         routes=ROUTES,
         middleware=[
-            Middleware(RequestIdMiddleware),
-            Middleware(ObserveMiddleware, metrics=metrics),
-            body_limit,
+            Middleware(
+                GatewayMiddleware, metrics=metrics, max_bytes=max_bytes, generation=generate_image
+            )
         ],
         exception_handlers=dict(EXCEPTION_HANDLERS),
         lifespan=lifespan,

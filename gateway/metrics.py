@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence, Sized
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar, cast
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -38,6 +38,8 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 # The gateway's own share of a request: tens of microseconds to a few milliseconds.
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+M = TypeVar("M", Counter, Gauge, Histogram)
+
 CACHE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 
 
@@ -114,6 +116,7 @@ class Metrics:
         self._revision: str | None = None
         self._last: dict[tuple[Counter, tuple[str, ...]], int] = {}
         self._workers: set[tuple[str, ...]] = set()
+        self._children: dict[tuple[object, tuple[str, ...]], object] = {}
         self.requests = Counter(
             "gateway_requests",
             "Generation requests answered, by adapter and HTTP status.",
@@ -281,13 +284,25 @@ class Metrics:
             multiprocess_mode="livemax",
         )
 
+    def child(self, metric: M, *labels: str) -> M:
+        """`metric.labels(*labels)`, looked up once: prometheus-client's `labels()`
+        costs a few microseconds a call (a lock, a tuple of str() calls), and the hot
+        path makes several a request. The values are the registry's names and fixed
+        words, so this holds as many entries as the metrics' own children; neither is
+        ever removed (old series are zeroed, see `set_registry`)."""
+        key = (metric, labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return cast(M, found)
+
     def observe_request(self, trace: Trace, status: int, elapsed_s: float) -> None:
-        self.requests.labels(trace.adapter, str(status)).inc()
-        self.request_duration.labels(trace.adapter).observe(elapsed_s)
+        self.child(self.requests, trace.adapter, str(status)).inc()
+        self.child(self.request_duration, trace.adapter).observe(elapsed_s)
         self.overhead.observe(max(0.0, elapsed_s - trace.upstream_s - trace.queue_s))
 
     def observe_queue_wait(self, pool: str, seconds: float) -> float:
-        self.queue_wait.labels(pool).observe(seconds)
+        self.child(self.queue_wait, pool).observe(seconds)
         return seconds
 
     def observe_gpu(self, team: str, adapter: str, seconds: float, *, image: bool) -> None:
@@ -305,9 +320,9 @@ class Metrics:
     ) -> float:
         """One try on a worker, from `started` (perf_counter) to now; its duration."""
         seconds = time.perf_counter() - started
-        self.upstream_duration.labels(pool, worker).observe(seconds)
+        self.child(self.upstream_duration, pool, worker).observe(seconds)
         if error is not None:
-            self.upstream_errors.labels(pool, worker, error.reason).inc()
+            self.child(self.upstream_errors, pool, worker, error.reason).inc()
         return seconds
 
     def sync_balancer(self, balancer: BalancerView) -> None:
@@ -381,17 +396,19 @@ class CacheMetrics:
         self._m = metrics
 
     def lookup(self, result: str, seconds: float) -> None:
-        self._m.cache_requests.labels(result).inc()
+        m = self._m
+        m.child(m.cache_requests, result).inc()
         if result != "bypass":  # a bypass asked nothing of the store: no time to show
-            self._m.cache_duration.labels("get").observe(seconds)
+            m.child(m.cache_duration, "get").observe(seconds)
 
     def store(self, result: str, seconds: float) -> None:
-        self._m.cache_stores.labels(result).inc()
+        m = self._m
+        m.child(m.cache_stores, result).inc()
         if result in ("stored", "error"):
-            self._m.cache_duration.labels("set").observe(seconds)
+            m.child(m.cache_duration, "set").observe(seconds)
 
     def error(self, op: str) -> None:
-        self._m.cache_errors.labels(op).inc()
+        self._m.child(self._m.cache_errors, op).inc()
 
     def coalesced(self, scope: str) -> None:
-        self._m.coalesced.labels(scope).inc()
+        self._m.child(self._m.coalesced, scope).inc()

@@ -206,7 +206,7 @@ class Pipeline:
                         trace.upstream_s += took
                         self.metrics.observe_gpu(trace.team, adapter.name, took, image=False)
                         attempt.retry_or_raise(exc)
-                        self.metrics.retries.labels(pool.name, exc.reason).inc()
+                        self.metrics.child(self.metrics.retries, pool.name, exc.reason).inc()
                         continue
                     took = self.metrics.observe_try(pool.name, worker.name, started)
                     trace.upstream_s += took

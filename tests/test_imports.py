@@ -47,6 +47,7 @@ LAYERS: dict[str, int] = {
     "gateway.answers": 3,
     "gateway.protocols.client_errors": 3,
     "gateway.simworker": 3,
+    "gateway.resp": 3,  # the cache's pipelined GET (redis-py's types only)
     # 4: what each concern needs at run time, on the registry and the metrics; the
     # protocols' shared parts (a try's inputs, the HTTP exchange, images)
     "gateway.protocols.call": 4,
