@@ -36,6 +36,7 @@ happen; `Worker.in_flight` and `len(Pool.queue)` are the gauges.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import random
 import time
@@ -48,6 +49,7 @@ from typing import Literal
 from gateway.causes import Cause, Stage
 from gateway.errors import Overloaded, RequestError, UpstreamError
 from gateway.health import WorkerHealth
+from gateway.placement import Holder, Popularity, plan
 from gateway.registry import PoolSpec, Registry, WorkerSpec
 
 Clock = Callable[[], float]
@@ -56,7 +58,8 @@ Clock = Callable[[], float]
 # "cancelled" no verdict either; "failed" includes a 200 without an image.
 Outcome = Literal["ok", "answered", "failed", "busy", "cancelled"]
 
-AFFINITY_WINDOW = 4  # how many waiters behind one may claim a slot for affinity
+REPLAN_S = 5.0  # how often the placement is planned again
+PLACEMENT_SPARE = 1  # places per worker the plan leaves to unplaced adapters
 _EWMA = 0.2  # weight of the newest service time in the running estimate
 _RATE_WINDOW_S = 60.0  # completions this recent give the service rate for Retry-After
 
@@ -177,6 +180,9 @@ class Pool:
         self.service_s: float | None = None  # pool-wide estimate, for untried workers
         self._done_at: deque[float] = deque(maxlen=64)  # recent successes: service rate
         self._named = 0  # worker names are never reused, so metrics never mix two
+        self.popularity = Popularity(spec.placement_half_life_s)
+        self.placed: dict[str, frozenset[Worker]] = {}  # adapter -> workers it should be on
+        self._planned_at = -math.inf
         self.set_workers(spec.workers)
 
     # -- configuration --------------------------------------------------------------
@@ -201,6 +207,8 @@ class Pool:
         self.spec = spec
         for worker in self.workers:
             worker.health.spec, worker.warm_size = spec.health, spec.warm_adapters
+        self.popularity.retune(spec.placement_half_life_s, self.clock())
+        self._planned_at = -math.inf  # plan again, with the new settings, at once
         if spec.discover is None:
             self.set_workers(spec.workers)
         else:  # keep what DNS gave until it is asked again, with the new settings
@@ -294,14 +302,17 @@ class Pool:
         now = self.clock()
         free = {w: w.free_slots for w in self.workers if w.in_service and w.free_slots}
         spare = sum(free.values())
-        waiters = list(self.queue)
+        if spare == 0:
+            return False
+        self._replan(now)
+        # The look-ahead is bounded: the head and affinity_lookahead waiters behind it.
+        waiters = list(itertools.islice(self.queue, self.spec.affinity_lookahead + 1))
         deferred: Counter[Worker] = Counter()  # waiters in this pass waiting per worker
         granted = False
         for i, ticket in enumerate(waiters):
             if spare == 0:
                 break
-            behind = waiters[i + 1 : i + 1 + AFFINITY_WINDOW]
-            choice = self._choose(ticket, free, behind, deferred, now)
+            choice = self._choose(ticket, free, waiters[i + 1 :], deferred, now)
             if isinstance(choice, Worker):
                 self._grant(ticket, choice, now)
                 free[choice] -= 1
@@ -320,41 +331,111 @@ class Pool:
         candidates = [w for w, n in free.items() if n and w not in ticket.exclude]
         if not candidates:
             return None
+        home = self._home(ticket.adapter)
         warm = [w for w in candidates if w.is_warm(ticket.adapter)]
         if warm:
-            return self._p2c(warm)
+            return self._p2c([w for w in warm if w in home] or warm)
         allowance = self._allowance(ticket, now)
-        if allowance > 0:
-            wait, worker = self._warm_wait(ticket, deferred, now)
-            if worker is not None and wait <= allowance:
-                deferred[worker] += 1
-                self._passed(ticket, now)
-                return DEFER
-            candidates = [w for w in candidates if not _claimed(w, behind)]
-            if not candidates:
-                self._passed(ticket, now)
-                return None
-        return self._p2c(candidates)
+        if allowance <= 0:
+            return self._cold(ticket.adapter, candidates)
+        wait, worker = self._warm_wait(ticket, deferred, now)
+        if worker is not None and wait <= min(allowance, self.spec.adapter_load_s):
+            deferred[worker] += 1
+            self._passed(ticket, now)
+            return DEFER
+        candidates = [w for w in candidates if not _claimed(w, behind)]
+        placed = [w for w in candidates if w in home]
+        if placed:
+            return self._p2c(placed)  # a load, but where the plan wants the adapter
+        if self.spec.placement and ticket.adapter is not None and not home:
+            # Unplaced: it will be loaded somewhere; where it evicts no placed adapter.
+            harmless = [w for w in candidates if not self._evicts_placed(w)]
+            if harmless:
+                return self._p2c(harmless)
+        if not candidates:
+            self._passed(ticket, now)
+            return None
+        return self._cold(ticket.adapter, candidates)
+
+    def _home(self, adapter: str | None) -> frozenset[Worker]:
+        """The workers the plan places `adapter` on."""
+        return self.placed.get(adapter, frozenset()) if adapter is not None else frozenset()
+
+    def _cold(self, adapter: str | None, candidates: Sequence[Worker]) -> Worker:
+        """Where to load `adapter`: a worker it is placed on, else where the load costs
+        least (its share of a try's slot time there, doubled if it evicts a placed
+        adapter, which will be loaded again)."""
+        home = self._home(adapter)
+        placed = [w for w in candidates if w in home]
+        if placed or adapter is None:
+            return self._p2c(placed or candidates)
+        costs = {w: self._load_cost(w) for w in candidates}
+        least = min(costs.values())
+        return self._p2c([w for w, cost in costs.items() if cost <= least * (1 + 1e-9)])
+
+    def _load_cost(self, worker: Worker) -> float:
+        mean = worker.service_s if worker.service_s is not None else self.service_s
+        cost = 1.0 / mean if mean else worker.spec.weight
+        return cost * 2 if self._evicts_placed(worker) else cost
+
+    def _evicts_placed(self, worker: Worker) -> bool:
+        """Would a load on `worker` push out (its LRU) an adapter placed there?"""
+        if not worker.warm or len(worker.warm) < worker.warm_size:
+            return False
+        return worker in self._home(next(iter(worker.warm)))
+
+    def _replan(self, now: float) -> None:
+        if now < self._planned_at + REPLAN_S:
+            return
+        self._planned_at = now
+        if not self.spec.placement:
+            self.placed = {}
+            return
+        workers = [w for w in self.workers if w.in_service]
+        index = {w: i for i, w in enumerate(workers)}
+        holders = [
+            Holder(w.spec.max_concurrency * w.spec.weight, w.warm_size, w.warm) for w in workers
+        ]
+        previous = {
+            a: frozenset(index[w] for w in ws if w in index) for a, ws in self.placed.items()
+        }
+        shares = self.popularity.shares()
+        at = plan(shares, holders, spare=PLACEMENT_SPARE, previous=previous)
+        self.placed = {a: frozenset(workers[i] for i in where) for a, where in at.items()}
 
     def _allowance(self, ticket: Ticket, now: float) -> float:
-        """How much longer affinity may keep `ticket` waiting (the stated bound)."""
-        start = now if ticket.passed_at is None else ticket.passed_at
-        return start + self.spec.adapter_load_s - now
+        """How much longer affinity may hold `ticket` back (the stated bound)."""
+        if ticket.passed_at is None or ticket.wake_at is None:
+            return self._bound_s()
+        return ticket.wake_at - now
+
+    def _bound_s(self) -> float:
+        """adapter_load_s x (1 + waiters per slot), at most affinity_wait_max_s: the
+        longer the queue, the more a saved load is worth against one request's wait."""
+        spec = self.spec
+        most = spec.affinity_wait_max_s
+        most = 4 * spec.adapter_load_s if most is None else most
+        slots = sum(w.spec.max_concurrency for w in self.workers if w.in_service) or 1
+        return min(most, spec.adapter_load_s * (1 + len(self.queue) / slots))
 
     def _passed(self, ticket: Ticket, now: float) -> None:
         if ticket.passed_at is None:
             ticket.passed_at = now
-            ticket.wake_at = now + self.spec.adapter_load_s
+            ticket.wake_at = now + self._bound_s()
 
     def _warm_wait(
         self, ticket: Ticket, deferred: Counter[Worker], now: float
     ) -> tuple[float, Worker | None]:
-        """The busy warm worker expected to free a slot for `ticket` first, and when."""
+        """The busy worker expected to free a slot for `ticket` first, and when: one
+        warm for its adapter, or one it is placed on if it is warm nowhere."""
+        home = self._home(ticket.adapter)
+        if any(w.is_warm(ticket.adapter) for w in self.workers):
+            home = frozenset()
         best: tuple[float, Worker | None] = (math.inf, None)
         for worker in self.workers:
             if worker.free_slots or not worker.in_service or worker in ticket.exclude:
                 continue
-            if worker.is_warm(ticket.adapter):
+            if worker.is_warm(ticket.adapter) or worker in home:
                 wait = self._slot_free_in(worker, deferred[worker], now)
                 best = min(best, (wait, worker), key=lambda pair: pair[0])
         return best
@@ -384,6 +465,8 @@ class Pool:
 
     def _grant(self, ticket: Ticket, worker: Worker, now: float) -> None:
         self.queue.remove(ticket)
+        if ticket.adapter is not None:
+            self.popularity.add(ticket.adapter, now)
         ticket.worker, ticket.granted_at, ticket.wake_at = worker, now, None
         worker.in_flight += 1
         worker.running.add(ticket)

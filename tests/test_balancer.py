@@ -216,10 +216,10 @@ def test_a_waiter_for_a_warm_worker_leaves_the_free_slot_to_others() -> None:
 
 
 def test_affinity_bound_when_waiting_for_a_warm_worker() -> None:
-    """The warm worker overruns: the waiter takes the cold one exactly
-    adapter_load_s after it first chose to wait, never later."""
+    """The warm worker overruns: the waiter takes the cold one exactly its bound
+    (here affinity_wait_max_s) after it first chose to wait, never later."""
     clock = FakeClock()
-    pool, _busy = warm_busy_pool(clock)
+    pool, _busy = warm_busy_pool(clock, affinity_wait_max_s=1.0)
     clock.advance(1.5)
     started = clock.now
     waiter = submit(pool, "a")
@@ -236,11 +236,11 @@ def test_affinity_bound_when_waiting_for_a_warm_worker() -> None:
 
 def test_affinity_bound_when_passed_over_for_warm_requests() -> None:
     """A cold request at the head steps aside for warm ones behind it only within
-    adapter_load_s of the first time; the next slot after that is its, though a warm
-    request waits behind it."""
+    its bound (here affinity_wait_max_s) of the first time; the next slot after that is
+    its, though a warm request waits behind it."""
     clock = FakeClock()
     specs: Sequence[str | dict[str, Any]] = [{"url": urls(1)[0], "adapters": ["a"]}]
-    pool = make_pool(specs, clock, adapter_load_s=1.0)
+    pool = make_pool(specs, clock, adapter_load_s=1.0, affinity_wait_max_s=1.0)
     running = submit(pool, "a")
     head = submit(pool, "x")
     warm_behind = [submit(pool, "a")]
