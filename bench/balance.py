@@ -435,29 +435,33 @@ STABLE_S = 4000.0  # the "max stable load" runs
 STABLE_SHARE = 0.995
 
 
-def stable(policy: str, rho: float, seed: int, scenario: Scenario) -> bool:
+def stable(
+    policy: str, rho: float, seed: int, scenario: Scenario, duration_s: float = STABLE_S
+) -> bool:
     """Over the second half of a STABLE_S run, were at least 99.5% as many requests
     finished as arrived? (Arrivals, not rho x capacity: Poisson noise alone moves the
     offered rate by ~1% over 2,000 s, more than the margin. A diverging queue falls
     behind by its growth; a long but steady one does not.)"""
-    jobs, _, _ = simulate(policy, rho, STABLE_S, seed, scenario=scenario)
-    half = STABLE_S / 2
-    offered = sum(half <= j.arrived < STABLE_S for j in jobs)
-    done = sum(half <= j.done < STABLE_S for j in jobs)
+    jobs, _, _ = simulate(policy, rho, duration_s, seed, scenario=scenario)
+    half = duration_s / 2
+    offered = sum(half <= j.arrived < duration_s for j in jobs)
+    done = sum(half <= j.done < duration_s for j in jobs)
     return done >= STABLE_SHARE * offered
 
 
-def max_stable(policy: str, seed: int, scenario: Scenario, top: float) -> float:
+def max_stable(
+    policy: str, seed: int, scenario: Scenario, top: float, duration_s: float = STABLE_S
+) -> float:
     """The highest rho in 0.01 steps, from 0.50 to `top`, that is `stable`: `top` is
     tried first, then a bisection (about 6 runs instead of 50). The bisection takes
     stability to be monotone in rho, which is the step definition's answer unless a
     higher rho is stable again after a lower one was not. 0.5: not even that."""
     low, high = 50, round(top * 100)
-    if stable(policy, high / 100, seed, scenario):
+    if stable(policy, high / 100, seed, scenario, duration_s):
         return high / 100
     while high - low > 1:  # low is taken as stable, high is not
         middle = (low + high) // 2
-        if stable(policy, middle / 100, seed, scenario):
+        if stable(policy, middle / 100, seed, scenario, duration_s):
             low = middle
         else:
             high = middle
@@ -473,15 +477,17 @@ class SeedReport:
     stable_ours: float
 
 
-def seed_report(seed: int, scenario: Scenario, duration_s: float) -> SeedReport:
+def seed_report(
+    seed: int, scenario: Scenario, duration_s: float, stable_s: float = STABLE_S
+) -> SeedReport:
     results, beyond = {}, []
     for rho in (0.8, 0.95):
         for policy in (IDEAL, BALANCER, NO_PLACEMENT):
             jobs, workers, waits = simulate(policy, rho, duration_s, seed, scenario=scenario)
             results[policy, rho] = measure(policy, rho, jobs, workers, duration_s)
             beyond += waits if policy == BALANCER else []
-    ideal = max_stable(IDEAL, seed, scenario, top=1.03)
-    ours = max_stable(BALANCER, seed, scenario, top=ideal)
+    ideal = max_stable(IDEAL, seed, scenario, top=1.03, duration_s=stable_s)
+    ours = max_stable(BALANCER, seed, scenario, top=ideal, duration_s=stable_s)
     return SeedReport(seed, results, beyond, ideal, ours)
 
 
@@ -547,13 +553,13 @@ SHIFT_S = 3000.0
 WINDOW_S = 100.0
 
 
-def shift_report(seed: int) -> list[str]:
+def shift_report(seed: int, duration_s: float = SHIFT_S) -> list[str]:
     """The Zipf ranking shuffled half-way through a run at rho 0.9: loads per 1,000
     and p99 per 100 s window of arrivals, for this balancer and with placement off."""
-    shift_at = SHIFT_S / 2
+    shift_at = duration_s / 2
     lines = []
     for policy in (BALANCER, NO_PLACEMENT):
-        jobs, _, _ = simulate(policy, SHIFT_RHO, SHIFT_S, seed, shift_at=shift_at)
+        jobs, _, _ = simulate(policy, SHIFT_RHO, duration_s, seed, shift_at=shift_at)
 
         def window(start: float, end: float, jobs: list[Job] = jobs) -> tuple[float, float]:
             inside = [j for j in jobs if start <= j.arrived < end]

@@ -7,27 +7,45 @@ never sleep and read the time only from the injected `clock`. `Attempt` (from
 waits, the deadline, retries. bench/balance.py drives the same core from a
 discrete-event simulation on a virtual clock. Nothing here knows HTTP.
 
-Choice. Waiting tickets (one try of one request each) are served in FIFO order. For
-each, among in-service workers with a free slot that it has not tried yet:
-  1. a worker warm for its adapter (in the worker's LRU of recently served ones);
-  2. else wait for a busy warm worker, if a slot there is expected within
-     `adapter_load_s` (loading the adapter elsewhere would cost about that much);
-  3. else a cold worker that no waiter close behind (AFFINITY_WINDOW) is warm on;
-  4. else step aside: the waiter behind takes that slot and saves a load.
-A waiter that waits (2) or steps aside (4) holds nothing: the free slot stays free for
-whoever is next, so no GPU idles while anyone in the queue could use it.
-Between several candidates: power of two choices on in_flight / max_concurrency, the
-two drawn in proportion to `weight` and a tie broken at random in proportion to
-`weight` (never by list order).
+Choice. Waiting tickets (one try of one request each) are served in the queue's order.
+A free slot goes to the head or to at most `affinity_lookahead` waiters behind it,
+never further back. For each of those, in order, among in-service workers with a free
+slot that it has not tried yet:
+  1. a worker warm for its adapter (in the worker's LRU of recently served ones),
+     those the adapter is placed on first;
+  2. once its allowance (below) is over, the cheapest cold worker;
+  3. else wait for a busy warm worker, if a slot there is expected within
+     `adapter_load_s` (loading the adapter elsewhere would cost about that much) and
+     within its allowance; an adapter warm nowhere waits so for a worker it is placed on;
+  4. else a cold worker that no waiter in the look-ahead is warm on: one the adapter
+     is placed on; for an adapter placed nowhere, one whose LRU would evict no placed
+     adapter; else the cheapest;
+  5. else step aside: a waiter behind takes that slot and saves a load.
+A waiter that waits (3) or steps aside (5) holds nothing: the free slot stays free for
+whoever is next. The cheapest cold worker: a load's cost is its share of a try's slot
+time there (1 / the worker's service time: a slow worker loses less), doubled if its
+LRU would evict an adapter placed there (that one will be loaded again). Between
+several candidates: power of two choices on in_flight / max_concurrency, the two drawn
+in proportion to `weight` and a tie broken at random in proportion to `weight` (never
+by list order).
 
-The affinity bound. Steps 2 and 4 let requests behind one go first. That can happen
-to a request only within `adapter_load_s` of the first time it did; from then on no
-request behind it is served before it, and it takes the first slot free for it. So
-its wait beyond its FIFO turn is at most `adapter_load_s`, plus the time for the slot
-releases it was overtaken by during that `adapter_load_s` to come round again.
-tests/test_balancer.py::test_affinity_bound_* check the rule on a fake clock;
-bench/balance.py measures the wait beyond the FIFO turn (at most 1.7 s there, with
-adapter_load_s 1 s and 9 slots).
+Placement. Every REPLAN_S the pool plans, with gateway/placement.py, on which workers
+each adapter should be warm: from its share of the requests granted, decayed with
+`placement_half_life_s`; hot adapters on several workers, the tail on one or none,
+PLACEMENT_SPARE places per worker left to unplaced ones. The view of what each worker
+holds is the pool's own: its sends, and `adapters:` in the registry at start.
+`placement: false` plans nothing (rules 1-5 without the placed preferences).
+
+The affinity bound. Steps 3 and 5 let requests behind one go first. The first time
+that happens to a request its allowance is fixed: `adapter_load_s` x (1 + waiters per
+slot in service), at most `affinity_wait_max_s` (default 4 x `adapter_load_s`): the
+longer the queue, the more a saved load is worth against one request's wait. Once the
+allowance is over no request behind it is served before it, and it takes the first
+slot free for it. So its wait beyond its FIFO turn is at most its allowance, plus the
+time for the slot releases it was overtaken by during that allowance to come round
+again. tests/test_balancer.py::test_affinity_bound_*, ::test_the_bound_grows_* and
+::test_no_slot_leaks_and_the_bound_holds_* check it on a fake clock; bench/balance.py
+measures the wait beyond the FIFO turn (`--placement` prints it per seed).
 
 Metrics hooks: `PoolStats` and `WorkerStats` are plain counters bumped where things
 happen; `Worker.in_flight` and `len(Pool.queue)` are the gauges.

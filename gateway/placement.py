@@ -4,18 +4,23 @@ Plain data and functions, sans-IO: the caller passes the time and the workers as
 `Holder`s; nothing here reads a clock or knows a `Pool`. gateway/balancer.py asks for
 a plan every few seconds and routes by it; bench/balance.py measures it.
 
-Popularity. Each request counts once, decayed with a half-life: an adapter's share is
-its decayed count over all of them (its recent share of the pool's GPU time, the
-requests being alike). Shares are ratios, so the decay is kept as a growing scale
-rather than applied to every count.
+Popularity. Each granted request counts once, decayed with a half-life: an adapter's
+share is its decayed count over all of them (its recent share of the pool's GPU time
+when requests are alike; a count, not a measured time, so that one slow worker does
+not make its adapters look popular). Shares are ratios, so the decay is kept as a
+growing scale rather than applied to every count.
 
-The plan. The pool can keep about sum(memory - spare) adapters warm at once. Those
-places go to adapters in proportion to their shares (the highest-averages rule: the
-n-th copy of an adapter bids share / n, at most one copy per worker), so a hot adapter
-is warm on several workers and the tail on one or none. Copies are then laid on
-workers, most copies first: a worker already warm for the adapter first (moving it
-costs a load), then the worker whose capacity is least covered by the shares placed
-on it so far, so each worker's placed traffic follows its capacity. `spare` places per
+The plan. The pool can keep sum(memory - spare) adapters warm at once. Those places
+go by highest averages: an adapter's n-th copy bids share / n, at most one copy per
+worker, and its first copy bids FIRST (10) x share: an adapter gets a second copy
+before another gets its first only if it is over 20 times as popular, since a miss on
+any adapter costs the same load. So the tail is covered first and the hot adapters
+are copied in proportion to their shares. A copy
+the last plan had bids STICK times more, so that noise in the counts does not move
+adapters about. Copies are laid on workers, most copies first, each on the worker
+whose capacity is least covered by the shares placed on it so far (traffic follows
+capacity), a worker that already holds the adapter or had it in the last plan
+counting as half as covered (moving an adapter costs a load). `spare` places per
 worker stay unplanned: the unplaced adapters load there without evicting a placed one.
 """
 
