@@ -66,6 +66,12 @@ class Job:
     loaded: bool = False  # its worker had to load the adapter first
 
 
+def rankings(seed: int) -> tuple[list[str], list[str]]:
+    """The adapters by popularity, before and after the shift of `workload`."""
+    names = [f"lora-{k}" for k in range(ADAPTERS)]
+    return names, random.Random(seed + 1000).sample(names, len(names))
+
+
 def workload(
     rho: float, duration_s: float, seed: int, *, shift_at: float | None = None
 ) -> list[Job]:
@@ -73,8 +79,7 @@ def workload(
     From `shift_at` on, the popularity ranking is shuffled (the same Zipf weights fall
     on other adapters: a seeded permutation)."""
     rng = random.Random(seed)
-    names = [f"lora-{k}" for k in range(ADAPTERS)]
-    shuffled = random.Random(seed + 1000).sample(names, len(names))
+    names, shuffled = rankings(seed)
     weights = [1 / (k + 1) ** ZIPF_S for k in range(ADAPTERS)]
     mu = math.log(MEAN_S) - SIGMA**2 / 2  # so that the mean is MEAN_S
     jobs, now = [], 0.0
@@ -203,6 +208,9 @@ def pool_registry(*, warm_adapters: int, adapter_load_s: float, **options: objec
     )
 
 
+PROBE_S = 10.0
+
+
 @dataclass
 class PoolRun:
     workers: list[Gpu]
@@ -217,6 +225,7 @@ def run_pool(
     *,
     load_s: float = LOAD_S,
     loaded_max: int = LOADED_MAX,
+    probe: Callable[[Pool, float], None] | None = None,
 ) -> PoolRun:
     """Drive the real Pool. Each request's FIFO turn is the grant that strict FIFO
     would have given it on the same sequence of grants: the (n+1)-th after its
@@ -262,8 +271,16 @@ def run_pool(
         pool.dispatch()
         wake_later()
 
+    def look() -> None:  # `probe` sees the pool every PROBE_S while requests arrive
+        assert probe is not None
+        probe(pool, sim.now)
+        if jobs and sim.now + PROBE_S <= jobs[-1].arrived:
+            sim.at(sim.now + PROBE_S, look)
+
     for job in jobs:
         sim.at(job.arrived, lambda job=job: arrive(job))  # type: ignore[misc]
+    if probe is not None:
+        sim.at(PROBE_S, look)
     sim.run()
     return PoolRun(workers, pool, beyond)
 
@@ -554,12 +571,27 @@ WINDOW_S = 100.0
 
 
 def shift_report(seed: int, duration_s: float = SHIFT_S) -> list[str]:
-    """The Zipf ranking shuffled half-way through a run at rho 0.9: loads per 1,000
-    and p99 per 100 s window of arrivals, for this balancer and with placement off."""
+    """The Zipf ranking shuffled half-way through a run at rho 0.9. The pool's view:
+    the share of requests (by the true ranking of the moment) for adapters it has
+    placed, every PROBE_S, and how long after the shift it is back to 95% of its
+    level before. Then loads per 1,000 and p99 per 100 s window of arrivals, for
+    this balancer and with placement off."""
     shift_at = duration_s / 2
+    before_names, after_names = rankings(seed)
+    total = sum(1 / (k + 1) ** ZIPF_S for k in range(ADAPTERS))
+    share_before = {a: 1 / (k + 1) ** ZIPF_S / total for k, a in enumerate(before_names)}
+    share_after = {a: 1 / (k + 1) ** ZIPF_S / total for k, a in enumerate(after_names)}
+    covered: list[tuple[float, float]] = []
+
+    def probe(pool: Pool, now: float) -> None:
+        shares = share_after if now >= shift_at else share_before
+        covered.append((now, sum(shares[a] for a in pool.placed)))
+
     lines = []
     for policy in (BALANCER, NO_PLACEMENT):
-        jobs, _, _ = simulate(policy, SHIFT_RHO, duration_s, seed, shift_at=shift_at)
+        jobs = workload(SHIFT_RHO, duration_s, seed, shift_at=shift_at)
+        registry = balancer_registry(policy)
+        run_pool(jobs, registry, seed, probe=probe if policy == BALANCER else None)
 
         def window(start: float, end: float, jobs: list[Job] = jobs) -> tuple[float, float]:
             inside = [j for j in jobs if start <= j.arrived < end]
@@ -569,12 +601,18 @@ def shift_report(seed: int, duration_s: float = SHIFT_S) -> list[str]:
 
         before = window(shift_at / 3, shift_at)
         after = [window(shift_at + k * WINDOW_S, shift_at + (k + 1) * WINDOW_S) for k in range(6)]
-        back = next((k + 1 for k, (loads, _) in enumerate(after) if loads <= before[0] * 1.1), None)
         shown = ", ".join(f"{loads:.0f}/{p99:.1f}" for loads, p99 in after)
-        lines.append(
-            f"| {seed} | {policy} | {before[0]:.0f}/{before[1]:.1f} | {shown} | "
-            f"{'—' if back is None else f'{back * WINDOW_S:.0f} s'} |"
-        )
+        view = "—"
+        if policy == BALANCER:
+            level = statistics.mean(c for t, c in covered if shift_at / 3 <= t < shift_at)
+            back = next((t for t, c in covered if t > shift_at and c >= 0.95 * level), None)
+            at = {round(t): c for t, c in covered}
+            seen = ", ".join(
+                f"{at.get(round(shift_at + d), math.nan):.2f}" for d in (0.0, 60.0, 120.0, 240.0)
+            )
+            late = "never" if back is None else f"{back - shift_at:.0f} s"
+            view = f"{level:.2f} before; {seen} at +0/60/120/240 s; 95% at {late}"
+        lines.append(f"| {seed} | {policy} | {view} | {before[0]:.0f}/{before[1]:.1f} | {shown} |")
     return lines
 
 
@@ -597,10 +635,11 @@ def placement_report(duration_s: float, seeds: Sequence[int], jobs: int) -> None
     print(f"\nHeavier adapters: loads cost {HEAVY.load_s} s, workers hold {HEAVY.loaded_max}:\n")
     print("\n".join(placement_table(reports[n:], goals=False)))
     print(
-        f"\nPopularity shift at {SHIFT_S / 2:.0f} s (rho {SHIFT_RHO}): loads per 1,000 / "
-        f"p99 s, before, then per {WINDOW_S:.0f} s window after; back within 10%:\n"
+        f"\nPopularity shift at {SHIFT_S / 2:.0f} s (rho {SHIFT_RHO}). The view: share of "
+        "requests for placed adapters. Then loads per 1,000 / p99 s, before the shift and "
+        f"per {WINDOW_S:.0f} s window after:\n"
     )
-    print("| seed | policy | before | after, by window | back |")
+    print("| seed | policy | the view | before | after, by window |")
     print("|---|---|---|---|---|")
     print("\n".join(line for lines in shifts for line in lines))
 

@@ -292,9 +292,11 @@ class Pool:
             pass
 
     def next_wakeup(self) -> float | None:
-        """The next time a waiter's affinity allowance runs out (for a simulation)."""
+        """The next time a waiter's affinity allowance runs out (for a simulation).
+        Only the look-ahead's waiters count: one further back changes no choice."""
         now = self.clock()
-        times = [t.wake_at for t in self.queue if t.wake_at is not None and t.wake_at > now]
+        window = itertools.islice(self.queue, self.spec.affinity_lookahead + 1)
+        times = [t.wake_at for t in window if t.wake_at is not None and t.wake_at > now]
         return min(times, default=None)
 
     def retry_after_s(self) -> int:
