@@ -37,15 +37,16 @@ holds is the pool's own: its sends, and `adapters:` in the registry at start.
 `placement: false` plans nothing (rules 1-5 without the placed preferences).
 
 The affinity bound. Steps 3 and 5 let requests behind one go first. The first time
-that happens to a request its allowance is fixed: `adapter_load_s` x (1 + waiters per
-slot in service), at most `affinity_wait_max_s` (default 4 x `adapter_load_s`): the
-longer the queue, the more a saved load is worth against one request's wait. Once the
-allowance is over no request behind it is served before it, and it takes the first
-slot free for it. So its wait beyond its FIFO turn is at most its allowance, plus the
-time for the slot releases it was overtaken by during that allowance to come round
-again. tests/test_balancer.py::test_affinity_bound_*, ::test_the_bound_grows_* and
-::test_no_slot_leaks_and_the_bound_holds_* check it on a fake clock; bench/balance.py
-measures the wait beyond the FIFO turn (`--placement` prints it per seed).
+that happens to a request its allowance is fixed: `adapter_load_s` x the waiters per
+slot in service (at least 1), at most `affinity_wait_max_s` (default 4 x
+`adapter_load_s`): the longer the queue, the more a saved load is worth against one
+request's wait. Once the allowance is over no request behind it is served before it,
+and it takes the first slot free for it. So its wait beyond its FIFO turn is at most
+its allowance, plus the time for the slot releases it was overtaken by during that
+allowance to come round again. tests/test_balancer.py::test_affinity_bound_*,
+::test_the_bound_grows_* and ::test_no_slot_leaks_and_the_bound_holds_* check it on a
+fake clock; bench/balance.py measures the wait beyond the FIFO turn (`--placement`
+prints it per seed).
 
 Metrics hooks: `PoolStats` and `WorkerStats` are plain counters bumped where things
 happen; `Worker.in_flight` and `len(Pool.queue)` are the gauges.
@@ -430,13 +431,14 @@ class Pool:
         return ticket.wake_at - now
 
     def _bound_s(self) -> float:
-        """adapter_load_s x (1 + waiters per slot), at most affinity_wait_max_s: the
-        longer the queue, the more a saved load is worth against one request's wait."""
+        """adapter_load_s x the waiters per slot (at least 1), at most
+        affinity_wait_max_s: the longer the queue, the more a saved load is worth
+        against one request's wait."""
         spec = self.spec
         most = spec.affinity_wait_max_s
         most = 4 * spec.adapter_load_s if most is None else most
         slots = sum(w.spec.max_concurrency for w in self.workers if w.in_service) or 1
-        return min(most, spec.adapter_load_s * (1 + len(self.queue) / slots))
+        return min(most, spec.adapter_load_s * max(1.0, len(self.queue) / slots))
 
     def _passed(self, ticket: Ticket, now: float) -> None:
         if ticket.passed_at is None:

@@ -467,7 +467,7 @@ class PoolSpec(_Frozen):
     warm_adapters: Annotated[int, Field(ge=0, le=1000)] = 4
     adapter_load_s: Annotated[float, Field(ge=0, le=600)] = 1.0
     # How long affinity may hold a request back (passed over, or waiting for a warm
-    # worker): adapter_load_s x (1 + waiters per slot), at most affinity_wait_max_s
+    # worker): adapter_load_s x waiters per slot (at least 1), at most affinity_wait_max_s
     # (None: 4 x adapter_load_s). A free slot looks at most affinity_lookahead waiters
     # past the head of the queue.
     affinity_wait_max_s: Annotated[float, Field(ge=0, le=3600)] | None = None

@@ -551,9 +551,9 @@ def test_a_free_slot_looks_at_most_affinity_lookahead_waiters_past_the_head(
 
 
 def test_the_bound_grows_with_the_queue_up_to_affinity_wait_max_s() -> None:
-    """Held back first with 3 waiting on 1 slot: adapter_load_s x (1 + 3/1) = 4 s, at
-    most affinity_wait_max_s; after that the head takes the next slot."""
-    for most, bound in ((10.0, 4.0), (2.5, 2.5)):
+    """Held back first with 3 waiting on 1 slot: adapter_load_s x 3/1 = 3 s, at most
+    affinity_wait_max_s; after that the head takes the next slot."""
+    for most, bound in ((10.0, 3.0), (2.5, 2.5)):
         clock = FakeClock()
         specs: Sequence[str | dict[str, Any]] = [{"url": urls(1)[0], "adapters": ["a"]}]
         pool = make_pool(specs, clock, adapter_load_s=1.0, affinity_wait_max_s=most)
