@@ -372,7 +372,7 @@ class Pool:
             # Unplaced: it will be loaded somewhere; where it evicts no placed adapter.
             harmless = [w for w in candidates if not self._evicts_placed(w)]
             if harmless:
-                return self._p2c(harmless)
+                return self._cold(ticket.adapter, harmless)
         if not candidates:
             self._passed(ticket, now)
             return None
@@ -385,10 +385,10 @@ class Pool:
     def _cold(self, adapter: str | None, candidates: Sequence[Worker]) -> Worker:
         """Where to load `adapter`: a worker it is placed on, else where the load costs
         least (its share of a try's slot time there, doubled if it evicts a placed
-        adapter, which will be loaded again)."""
+        adapter, which will be loaded again). Loads that cost nothing: by load alone."""
         home = self._home(adapter)
         placed = [w for w in candidates if w in home]
-        if placed or adapter is None:
+        if placed or adapter is None or not self.spec.adapter_load_s:
             return self._p2c(placed or candidates)
         costs = {w: self._load_cost(w) for w in candidates}
         least = min(costs.values())

@@ -660,3 +660,29 @@ def test_no_slot_leaks_and_the_bound_holds_in_a_random_run() -> None:
             if t.worker is not None and end < t.granted_at < ticket.granted_at
         ]
         assert not overtook, f"{len(overtook)} served after {end} before one held since"
+
+
+@pytest.mark.parametrize("adapter_load_s", [0.0, 1.0])
+def test_a_load_goes_where_it_costs_least_slot_time_if_it_costs_at_all(
+    adapter_load_s: float,
+) -> None:
+    """p-1 takes 3 s a try, p-0 1 s: a load's 1 s is a third of a try on p-1, all of
+    one on p-0. A free load (adapter_load_s 0, no affinity) goes by load alone."""
+    clock = FakeClock()
+    pool = make_pool(urls(2), clock, adapter_load_s=adapter_load_s, warm_adapters=0)
+    for worker, took in zip(pool.workers, (1.0, 3.0), strict=True):
+        others = tuple(w for w in pool.workers if w is not worker)
+        ticket = Ticket(None, exclude=others)
+        pool.submit(ticket)
+        clock.advance(took)
+        pool.release(ticket, "ok")
+    chosen: Counter[str] = Counter()
+    for k in range(400):
+        ticket = submit(pool, f"lora-{k}")
+        assert ticket.worker is not None
+        chosen[ticket.worker.name] += 1
+        pool.release(ticket, "cancelled")
+    if adapter_load_s:
+        assert chosen == {"p-1": 400}
+    else:
+        assert min(chosen.values()) > 120, chosen
