@@ -685,4 +685,4 @@ def test_a_load_goes_where_it_costs_least_slot_time_if_it_costs_at_all(
     if adapter_load_s:
         assert chosen == {"p-1": 400}
     else:
-        assert min(chosen.values()) > 120, chosen
+        assert min(chosen["p-0"], chosen["p-1"]) > 120, chosen
