@@ -1,6 +1,7 @@
 """Balancing policies for one pool of GPU workers, in a discrete-event simulation.
 
     python -m bench.balance [--duration 2000] [--seed 1]
+    python -m bench.balance --placement [--duration 2000] [--jobs 2]   # issue 13
 
 Virtual clock, no sleeping, seeded and repeatable; it runs in seconds. The scenario
 (issue 3): 4 workers with 1, 2, 2 and 4 slots and speeds 1.0, 1.0, 1.5 and 2.0; a
@@ -17,12 +18,20 @@ Policies:
   central FIFO, blind   the REAL gateway.balancer.Pool with affinity off
                         (warm_adapters: 0): one queue, free slots by weighted P2C
   ideal central queue   the same, and adapter loads cost nothing: the lower bound
-  this balancer         the REAL gateway.balancer.Pool as configured for the pool
-                        (warm_adapters: 8, adapter_load_s: 0.3, weight = speed)
+  this balancer         the REAL gateway.balancer.Pool with the pool defaults but
+                        for warm_adapters: 8 and weight = speed (placement on)
+  ..., placement off    the same with placement: false
 
 Measured over the requests that arrive after a warm-up (a tenth of the run): p50 and
 p99 latency (arrival to done), throughput, adapter loads per 1,000 requests; and the
 backlog (requests not yet started) when arrivals stop: a growing one means unstable.
+
+--placement (issue 13) prints, for seeds 1-3: the targets near saturation, each met or
+not; the "max stable load" (the highest rho, in 0.01 steps, at which the requests
+finished over the second half of a 4,000 s run are at least 99.5% of those that
+arrived then), for the ideal queue too; the same table with 2 s loads and 4 adapters
+per worker; and a popularity shift (the Zipf ranking shuffled half-way through a
+rho 0.9 run): how fast the pool's view of where adapters belong follows it.
 """
 
 from __future__ import annotations
@@ -31,12 +40,14 @@ import argparse
 import heapq
 import itertools
 import math
+import multiprocessing
 import random
 import statistics
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from gateway.balancer import Balancer, Pool, Ticket, Worker
 from gateway.registry import PoolSpec, Registry
@@ -61,17 +72,29 @@ class Job:
     work_s: float  # service time at speed 1.0, without an adapter load
     started: float = math.nan
     done: float = math.nan
+    loaded: bool = False  # its worker had to load the adapter first
 
 
-def workload(rho: float, duration_s: float, seed: int) -> list[Job]:
-    """Poisson arrivals at rho x capacity for duration_s, Zipf adapters, lognormal work."""
-    rng = random.Random(seed)
+def rankings(seed: int) -> tuple[list[str], list[str]]:
+    """The adapters by popularity, before and after the shift of `workload`."""
     names = [f"lora-{k}" for k in range(ADAPTERS)]
+    return names, random.Random(seed + 1000).sample(names, len(names))
+
+
+def workload(
+    rho: float, duration_s: float, seed: int, *, shift_at: float | None = None
+) -> list[Job]:
+    """Poisson arrivals at rho x capacity for duration_s, Zipf adapters, lognormal work.
+    From `shift_at` on, the popularity ranking is shuffled (the same Zipf weights fall
+    on other adapters: a seeded permutation)."""
+    rng = random.Random(seed)
+    names, shuffled = rankings(seed)
     weights = [1 / (k + 1) ** ZIPF_S for k in range(ADAPTERS)]
     mu = math.log(MEAN_S) - SIGMA**2 / 2  # so that the mean is MEAN_S
     jobs, now = [], 0.0
     while (now := now + rng.expovariate(rho * CAPACITY)) < duration_s:
-        adapter = rng.choices(names, weights)[0]
+        ranked = shuffled if shift_at is not None and now >= shift_at else names
+        adapter = rng.choices(ranked, weights)[0]
         jobs.append(Job(now, adapter, rng.lognormvariate(mu, SIGMA)))
     return jobs
 
@@ -100,6 +123,7 @@ class Gpu:
     slots: int
     speed: float
     load_s: float
+    loaded_max: int = LOADED_MAX
     running: int = 0
     backlog: deque[Job] = field(default_factory=deque)  # push policies queue here
     loaded: OrderedDict[str, None] = field(default_factory=OrderedDict)
@@ -109,16 +133,16 @@ class Gpu:
         """Time for `job` here, loading its adapter first if it is not held."""
         cost = 0.0
         if job.adapter not in self.loaded:
-            cost, self.loads = self.load_s, self.loads + 1
+            cost, self.loads, job.loaded = self.load_s, self.loads + 1, True
         self.loaded[job.adapter] = None
         self.loaded.move_to_end(job.adapter)
-        while len(self.loaded) > LOADED_MAX:
+        while len(self.loaded) > self.loaded_max:
             self.loaded.popitem(last=False)
         return job.work_s / self.speed + cost
 
 
-def gpus(load_s: float = LOAD_S) -> list[Gpu]:
-    return [Gpu(s, v, load_s) for s, v in zip(SLOTS, SPEEDS, strict=True)]
+def gpus(load_s: float = LOAD_S, loaded_max: int = LOADED_MAX) -> list[Gpu]:
+    return [Gpu(s, v, load_s, loaded_max) for s, v in zip(SLOTS, SPEEDS, strict=True)]
 
 
 # -- push policies: the choice is made at arrival, each worker queues its own ------------
@@ -175,7 +199,7 @@ def run_push(jobs: Sequence[Job], choose: Chooser, seed: int) -> list[Gpu]:
 # -- the real balancer, on the virtual clock ------------------------------------------
 
 
-def pool_registry(*, warm_adapters: int, adapter_load_s: float) -> Registry:
+def pool_registry(*, warm_adapters: int, adapter_load_s: float, **options: object) -> Registry:
     workers = [
         {"url": f"http://gpu-{i}:8000", "max_concurrency": s, "weight": v}
         for i, (s, v) in enumerate(zip(SLOTS, SPEEDS, strict=True))
@@ -186,10 +210,14 @@ def pool_registry(*, warm_adapters: int, adapter_load_s: float) -> Registry:
         "adapter_load_s": adapter_load_s,
         "max_queue": 100_000,  # the simulation measures the backlog instead of refusing
         "queue_timeout_s": 3600,
+        **options,
     }
     return Registry.model_validate(
         {"pools": {"gpu": pool}, "adapters": [{"name": "base", "pool": "gpu"}]}
     )
+
+
+PROBE_S = 10.0
 
 
 @dataclass
@@ -200,12 +228,18 @@ class PoolRun:
 
 
 def run_pool(
-    jobs: Sequence[Job], registry: Registry, seed: int, *, load_s: float = LOAD_S
+    jobs: Sequence[Job],
+    registry: Registry,
+    seed: int,
+    *,
+    load_s: float = LOAD_S,
+    loaded_max: int = LOADED_MAX,
+    probe: Callable[[Pool, float], None] | None = None,
 ) -> PoolRun:
     """Drive the real Pool. Each request's FIFO turn is the grant that strict FIFO
     would have given it on the same sequence of grants: the (n+1)-th after its
     arrival, n being the requests queued ahead of it then."""
-    sim, workers = Sim(), gpus(load_s)
+    sim, workers = Sim(), gpus(load_s, loaded_max)
     pool = Balancer(registry, clock=lambda: sim.now, rng=random.Random(seed)).pool("gpu")
     gpu_of: dict[Worker, Gpu] = dict(zip(pool.workers, workers, strict=True))
     job_of: dict[Ticket, Job] = {}
@@ -246,8 +280,16 @@ def run_pool(
         pool.dispatch()
         wake_later()
 
+    def look() -> None:  # `probe` sees the pool every PROBE_S while requests arrive
+        assert probe is not None
+        probe(pool, sim.now)
+        if jobs and sim.now + PROBE_S <= jobs[-1].arrived:
+            sim.at(sim.now + PROBE_S, look)
+
     for job in jobs:
         sim.at(job.arrived, lambda job=job: arrive(job))  # type: ignore[misc]
+    if probe is not None:
+        sim.at(PROBE_S, look)
     sim.run()
     return PoolRun(workers, pool, beyond)
 
@@ -286,35 +328,64 @@ def measure(
 
 PUSH = {"round robin": round_robin, "random": at_random, "least-loaded push": least_loaded}
 BALANCER = "this balancer"
+IDEAL = "ideal central queue"
+NO_PLACEMENT = f"{BALANCER}, placement off"
 POLICIES = (
     *PUSH,
     "central FIFO, blind",
-    "ideal central queue",
+    IDEAL,
     BALANCER,
+    NO_PLACEMENT,
     f"{BALANCER}, adapter_load_s {LOAD_S}",
 )
 
 
-def balancer_registry(policy: str) -> Registry:
+@dataclass(frozen=True)
+class Scenario:
+    """What a load costs and how many adapters a worker holds (the issue-3 values, or
+    issue 13's heavier adapters)."""
+
+    load_s: float = LOAD_S
+    loaded_max: int = LOADED_MAX
+
+
+ISSUE3 = Scenario()
+HEAVY = Scenario(load_s=2.0, loaded_max=4)
+
+
+def balancer_registry(policy: str, scenario: Scenario = ISSUE3) -> Registry:
     """The pool as the gateway would run it. "this balancer" keeps the pool defaults
-    (adapter_load_s: 1 s) but for two facts of the scenario an operator would write
-    down: each worker holds 8 adapters, and its weight is its speed."""
-    if policy in ("central FIFO, blind", "ideal central queue"):
+    (adapter_load_s: 1 s, placement on, the affinity knobs) but for two facts of the
+    scenario an operator would write down: how many adapters each worker holds, and
+    that its weight is its speed."""
+    if policy in ("central FIFO, blind", IDEAL):
         return pool_registry(warm_adapters=0, adapter_load_s=0)
-    adapter_load_s = LOAD_S if policy != BALANCER else DEFAULT_ADAPTER_LOAD_S
-    return pool_registry(warm_adapters=LOADED_MAX, adapter_load_s=adapter_load_s)
+    adapter_load_s = DEFAULT_ADAPTER_LOAD_S
+    if policy == f"{BALANCER}, adapter_load_s {LOAD_S}":
+        adapter_load_s = scenario.load_s
+    options = {"placement": False} if policy == NO_PLACEMENT else {}
+    return pool_registry(
+        warm_adapters=scenario.loaded_max, adapter_load_s=adapter_load_s, **options
+    )
 
 
 def simulate(
-    policy: str, rho: float, duration_s: float, seed: int
+    policy: str,
+    rho: float,
+    duration_s: float,
+    seed: int,
+    *,
+    scenario: Scenario = ISSUE3,
+    shift_at: float | None = None,
 ) -> tuple[list[Job], list[Gpu], list[float]]:
     """One policy at one load: its requests (timed), its workers, and each request's
     wait beyond its FIFO turn (central-queue policies only)."""
-    jobs = workload(rho, duration_s, seed)
+    jobs = workload(rho, duration_s, seed, shift_at=shift_at)
     if policy in PUSH:
         return jobs, run_push(jobs, PUSH[policy](), seed), []
-    load_s = 0.0 if policy == "ideal central queue" else LOAD_S
-    run = run_pool(jobs, balancer_registry(policy), seed, load_s=load_s)
+    load_s = 0.0 if policy == IDEAL else scenario.load_s
+    registry = balancer_registry(policy, scenario)
+    run = run_pool(jobs, registry, seed, load_s=load_s, loaded_max=scenario.loaded_max)
     return jobs, run.workers, run.beyond_fifo_s
 
 
@@ -378,17 +449,225 @@ def targets(results: Sequence[Result], beyond_fifo_s: Sequence[float]) -> Iterat
     worst = sorted(beyond_fifo_s)
     yield (
         f"wait beyond the FIFO turn ({BALANCER}, every load): max {worst[-1]:.2f} s, "
-        f"p99 {worst[int(len(worst) * 0.99)]:.2f} s; bound: adapter_load_s "
-        f"({DEFAULT_ADAPTER_LOAD_S} s) plus the slot releases it was overtaken by in that time"
+        f"p99 {worst[int(len(worst) * 0.99)]:.2f} s; bound: its allowance, adapter_load_s "
+        f"({DEFAULT_ADAPTER_LOAD_S} s) x waiters per slot, at most 4 x that, plus the slot "
+        "releases it was overtaken by in that time"
     )
+
+
+# -- issue 13: placement near saturation ---------------------------------------------
+
+SEEDS = (1, 2, 3)
+STABLE_S = 4000.0  # the "max stable load" runs
+STABLE_SHARE = 0.995
+
+
+def stable(
+    policy: str, rho: float, seed: int, scenario: Scenario, duration_s: float = STABLE_S
+) -> bool:
+    """Over the second half of a STABLE_S run, were at least 99.5% as many requests
+    finished as arrived? (Arrivals, not rho x capacity: Poisson noise alone moves the
+    offered rate by ~1% over 2,000 s, more than the margin. A diverging queue falls
+    behind by its growth; a long but steady one does not.)"""
+    jobs, _, _ = simulate(policy, rho, duration_s, seed, scenario=scenario)
+    half = duration_s / 2
+    offered = sum(half <= j.arrived < duration_s for j in jobs)
+    done = sum(half <= j.done < duration_s for j in jobs)
+    return done >= STABLE_SHARE * offered
+
+
+def max_stable(
+    policy: str, seed: int, scenario: Scenario, top: float, duration_s: float = STABLE_S
+) -> float:
+    """The highest rho in 0.01 steps, from 0.50 to `top`, that is `stable`: `top` is
+    tried first, then a bisection (about 6 runs instead of 50). The bisection takes
+    stability to be monotone in rho, which is the step definition's answer unless a
+    higher rho is stable again after a lower one was not. 0.5: not even that."""
+    low, high = 50, round(top * 100)
+    if stable(policy, high / 100, seed, scenario, duration_s):
+        return high / 100
+    while high - low > 1:  # low is taken as stable, high is not
+        middle = (low + high) // 2
+        if stable(policy, middle / 100, seed, scenario, duration_s):
+            low = middle
+        else:
+            high = middle
+    return low / 100
+
+
+@dataclass
+class SeedReport:
+    seed: int
+    results: dict[tuple[str, float], Result]
+    beyond_fifo_s: list[float]  # this balancer, rho 0.8 and 0.95
+    stable_ideal: float
+    stable_ours: float
+
+
+def seed_report(
+    seed: int, scenario: Scenario, duration_s: float, stable_s: float = STABLE_S
+) -> SeedReport:
+    results, beyond = {}, []
+    for rho in (0.8, 0.95):
+        for policy in (IDEAL, BALANCER, NO_PLACEMENT):
+            jobs, workers, waits = simulate(policy, rho, duration_s, seed, scenario=scenario)
+            results[policy, rho] = measure(policy, rho, jobs, workers, duration_s)
+            beyond += waits if policy == BALANCER else []
+    ideal = max_stable(IDEAL, seed, scenario, top=1.03, duration_s=stable_s)
+    ours = max_stable(BALANCER, seed, scenario, top=ideal, duration_s=stable_s)
+    return SeedReport(seed, results, beyond, ideal, ours)
+
+
+def _verdict(goal: str, values: Sequence[float], ok: Callable[[float], bool]) -> str:
+    if not goal:
+        return "| — | |"
+    return f"| {goal} | {'met' if all(ok(v) for v in values) else 'NOT MET'} |"
+
+
+def placement_table(reports: Sequence[SeedReport], *, goals: bool) -> Iterator[str]:
+    """Issue 13's table: per seed, this balancer (the ideal queue in brackets)."""
+    seeds = " | ".join(f"seed {r.seed}" for r in reports)
+    yield f"| measure | {seeds} | goal | |"
+    yield "|---|" + "---:|" * len(reports) + "---|---|"
+
+    def row(name: str, cells: Sequence[str], goal: str, values: Sequence[float], ok: Any) -> str:
+        return f"| {name} | {' | '.join(cells)} {_verdict(goal if goals else '', values, ok)}"
+
+    def get(r: SeedReport, policy: str, rho: float) -> Result:
+        return r.results[policy, rho]
+
+    backlog = [get(r, BALANCER, 0.95).backlog for r in reports]
+    cells = [f"{b} ({get(r, IDEAL, 0.95).backlog})" for b, r in zip(backlog, reports, strict=True)]
+    yield row("rho 0.95: backlog when arrivals stop", cells, "<= 20", backlog, lambda v: v <= 20)
+    p99 = [get(r, BALANCER, 0.95).p99_s / get(r, IDEAL, 0.95).p99_s for r in reports]
+    cells = [
+        f"{get(r, BALANCER, 0.95).p99_s:.1f} s ({get(r, IDEAL, 0.95).p99_s:.1f} s): {x:.2f}x"
+        for x, r in zip(p99, reports, strict=True)
+    ]
+    yield row("rho 0.95: p99 (ideal)", cells, "<= 2.5x ideal", p99, lambda v: v <= 2.5)
+    loads = [get(r, BALANCER, 0.95).loads_per_1000 for r in reports]
+    yield row(
+        "rho 0.95: loads per 1,000",
+        [f"{v:.0f}" for v in loads],
+        "<= 180",
+        loads,
+        lambda v: v <= 180,
+    )
+    p99 = [get(r, BALANCER, 0.8).p99_s / get(r, IDEAL, 0.8).p99_s for r in reports]
+    cells = [f"{x:.2f}" for x in p99]
+    yield row("rho 0.8: p99 / ideal", cells, "<= 1.16", p99, lambda v: v <= 1.16)
+    loads = [get(r, BALANCER, 0.8).loads_per_1000 for r in reports]
+    yield row("rho 0.8: loads per 1,000", [f"{v:.0f}" for v in loads], "", loads, None)
+    top = [r.stable_ours for r in reports]
+    cells = [f"{r.stable_ours:.2f} ({r.stable_ideal:.2f})" for r in reports]
+    yield row("max stable rho (ideal)", cells, ">= 0.96", top, lambda v: v >= 0.96 - 1e-9)
+    for policy in (NO_PLACEMENT,):
+        cells = [
+            f"bl {get(r, policy, 0.95).backlog}, p99 {get(r, policy, 0.95).p99_s:.1f} s, "
+            f"{get(r, policy, 0.95).loads_per_1000:.0f} loads"
+            for r in reports
+        ]
+        yield row(f"rho 0.95, {policy}", cells, "", [], None)
+    cells = []
+    for r in reports:
+        worst = sorted(r.beyond_fifo_s)
+        cells.append(f"max {worst[-1]:.2f} s, p99 {worst[int(len(worst) * 0.99)]:.2f} s")
+    yield row("wait beyond the FIFO turn (rho 0.8 + 0.95)", cells, "", [], None)
+
+
+SHIFT_RHO = 0.9
+SHIFT_S = 3000.0
+WINDOW_S = 100.0
+
+
+def shift_report(seed: int, duration_s: float = SHIFT_S) -> list[str]:
+    """The Zipf ranking shuffled half-way through a run at rho 0.9. The pool's view:
+    the share of requests (by the true ranking of the moment) for adapters it has
+    placed, every PROBE_S, and how long after the shift it is back to 95% of its
+    level before. Then loads per 1,000 and p99 per 100 s window of arrivals, for
+    this balancer and with placement off."""
+    shift_at = duration_s / 2
+    before_names, after_names = rankings(seed)
+    total = sum(1 / (k + 1) ** ZIPF_S for k in range(ADAPTERS))
+    share_before = {a: 1 / (k + 1) ** ZIPF_S / total for k, a in enumerate(before_names)}
+    share_after = {a: 1 / (k + 1) ** ZIPF_S / total for k, a in enumerate(after_names)}
+    covered: list[tuple[float, float]] = []
+
+    def probe(pool: Pool, now: float) -> None:
+        shares = share_after if now >= shift_at else share_before
+        covered.append((now, sum(shares[a] for a in pool.placed)))
+
+    lines = []
+    for policy in (BALANCER, NO_PLACEMENT):
+        jobs = workload(SHIFT_RHO, duration_s, seed, shift_at=shift_at)
+        registry = balancer_registry(policy)
+        run_pool(jobs, registry, seed, probe=probe if policy == BALANCER else None)
+
+        def window(start: float, end: float, jobs: list[Job] = jobs) -> tuple[float, float]:
+            inside = [j for j in jobs if start <= j.arrived < end]
+            loads = 1000 * sum(j.loaded for j in inside) / max(1, len(inside))
+            cuts = statistics.quantiles([j.done - j.arrived for j in inside], n=100)
+            return loads, cuts[98]
+
+        before = window(shift_at / 3, shift_at)
+        after = [window(shift_at + k * WINDOW_S, shift_at + (k + 1) * WINDOW_S) for k in range(6)]
+        shown = ", ".join(f"{loads:.0f}/{p99:.1f}" for loads, p99 in after)
+        view = "—"
+        if policy == BALANCER:
+            level = statistics.mean(c for t, c in covered if shift_at / 3 <= t < shift_at)
+            back = next((t for t, c in covered if t > shift_at and c >= 0.95 * level), None)
+            at = {round(t): c for t, c in covered}
+            seen = ", ".join(
+                f"{at.get(round(shift_at + d), math.nan):.2f}" for d in (0.0, 60.0, 120.0, 240.0)
+            )
+            late = "never" if back is None else f"{back - shift_at:.0f} s"
+            view = f"{level:.2f} before; {seen} at +0/60/120/240 s; 95% at {late}"
+        lines.append(f"| {seed} | {policy} | {view} | {before[0]:.0f}/{before[1]:.1f} | {shown} |")
+    return lines
+
+
+def _seed_task(args: tuple[int, Scenario, float]) -> SeedReport:
+    return seed_report(*args)
+
+
+def placement_report(duration_s: float, seeds: Sequence[int], jobs: int) -> None:
+    """Issue 13: the targets per seed, the heavier-adapter table, the popularity shift."""
+    tasks = [(seed, scenario, duration_s) for scenario in (ISSUE3, HEAVY) for seed in seeds]
+    with multiprocessing.Pool(jobs) as workers:
+        reports = workers.map(_seed_task, tasks)
+        shifts = workers.map(shift_report, seeds)
+    n = len(seeds)
+    print(
+        f"Issue 13, the issue-3 scenario ({duration_s:.0f} virtual s; max stable: "
+        f"{STABLE_S:.0f} s runs):\n"
+    )
+    print("\n".join(placement_table(reports[:n], goals=True)))
+    print(f"\nHeavier adapters: loads cost {HEAVY.load_s} s, workers hold {HEAVY.loaded_max}:\n")
+    print("\n".join(placement_table(reports[n:], goals=False)))
+    print(
+        f"\nPopularity shift at {SHIFT_S / 2:.0f} s (rho {SHIFT_RHO}). The view: share of "
+        "requests for placed adapters. Then loads per 1,000 / p99 s, before the shift and "
+        f"per {WINDOW_S:.0f} s window after:\n"
+    )
+    print("| seed | policy | the view | before | after, by window |")
+    print("|---|---|---|---|---|")
+    print("\n".join(line for lines in shifts for line in lines))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.balance", description=__doc__)
     parser.add_argument("--duration", type=float, default=2000.0, help="virtual seconds")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--placement", action="store_true", help="issue 13's report instead (seeds 1-3)"
+    )
+    parser.add_argument("--jobs", type=int, default=2, help="processes for --placement")
     args = parser.parse_args(argv)
     started = time.perf_counter()
+    if args.placement:
+        placement_report(args.duration, SEEDS, args.jobs)
+        print(f"\n({time.perf_counter() - started:.1f} s of real time)")
+        return 0
     results: list[Result] = []
     beyond: list[float] = []
     for rho in RHOS:

@@ -9,28 +9,46 @@ discrete-event simulation on a virtual clock. Nothing here knows HTTP.
 
 Choice. Waiting tickets (one try of one request each) are served in the order of
 the pool's `FairQueue` (gateway/fairness.py: fair shares of GPU time between teams,
-priorities, FIFO within a team; with one team it is FIFO). For each, among
-in-service workers with a free slot that it has not tried yet:
-  1. a worker warm for its adapter (in the worker's LRU of recently served ones);
-  2. else wait for a busy warm worker, if a slot there is expected within
-     `adapter_load_s` (loading the adapter elsewhere would cost about that much);
-  3. else a cold worker that no waiter close behind (AFFINITY_WINDOW) is warm on;
-  4. else step aside: the waiter behind takes that slot and saves a load.
-A waiter that waits (2) or steps aside (4) holds nothing: the free slot stays free for
-whoever is next, so no GPU idles while anyone in the queue could use it.
-Between several candidates: power of two choices on in_flight / max_concurrency, the
-two drawn in proportion to `weight` and a tie broken at random in proportion to
-`weight` (never by list order).
+priorities, FIFO within a team; with one team it is FIFO).
+A free slot goes to the head or to at most `affinity_lookahead` waiters behind it,
+never further back. For each of those, in order, among in-service workers with a free
+slot that it has not tried yet:
+  1. a worker warm for its adapter (in the worker's LRU of recently served ones),
+     those the adapter is placed on first;
+  2. once its allowance (below) is over, the cheapest cold worker;
+  3. else wait for a busy warm worker, if a slot there is expected within
+     `adapter_load_s` (loading the adapter elsewhere would cost about that much) and
+     within its allowance; an adapter warm nowhere waits so for a worker it is placed on;
+  4. else a cold worker that no waiter in the look-ahead is warm on: one the adapter
+     is placed on; for an adapter placed nowhere, one whose LRU would evict no placed
+     adapter; else the cheapest;
+  5. else step aside: a waiter behind takes that slot and saves a load.
+A waiter that waits (3) or steps aside (5) holds nothing: the free slot stays free for
+whoever is next. The cheapest cold worker: a load's cost is its share of a try's slot
+time there (1 / the worker's service time: a slow worker loses less), doubled if its
+LRU would evict an adapter placed there (that one will be loaded again). Between
+several candidates: power of two choices on in_flight / max_concurrency, the two drawn
+in proportion to `weight` and a tie broken at random in proportion to `weight` (never
+by list order).
 
-The affinity bound. Steps 2 and 4 let requests behind one go first. That can happen
-to a request only within `adapter_load_s` of the first time it did; from then on no
-request behind it is served before it, and it takes the first slot free for it. So
-its wait beyond its turn (FIFO within a team, fair between teams) is at most
-`adapter_load_s`, plus the time for the slot releases it was overtaken by during
-that `adapter_load_s` to come round again.
-tests/test_balancer.py::test_affinity_bound_* check the rule on a fake clock;
-bench/balance.py measures the wait beyond the FIFO turn (at most 1.7 s there, with
-adapter_load_s 1 s and 9 slots).
+Placement. Every REPLAN_S the pool plans, with gateway/placement.py, on which workers
+each adapter should be warm: from its share of the requests granted, decayed with
+`placement_half_life_s`; hot adapters on several workers, the tail on one or none,
+PLACEMENT_SPARE places per worker left to unplaced ones. The view of what each worker
+holds is the pool's own: its sends, and `adapters:` in the registry at start.
+`placement: false` plans nothing (rules 1-5 without the placed preferences).
+
+The affinity bound. Steps 3 and 5 let requests behind one go first. The first time that
+happens to a request its allowance is fixed: `adapter_load_s` x the waiters per slot in
+service (at least 1), at most `affinity_wait_max_s` (default 4 x `adapter_load_s`): the
+longer the queue, the more a saved load is worth against one request's wait. Once the
+allowance is over no request behind it is served before it, and it takes the first slot
+free for it. So its wait beyond its turn (FIFO within a team, fair between teams) is at
+most its allowance, plus the time for the slot releases it was overtaken by during that
+allowance to come round again. tests/test_balancer.py::test_affinity_bound_*,
+::test_the_bound_grows_* and ::test_no_slot_leaks_and_the_bound_holds_* check it on a
+fake clock; bench/balance.py measures the wait beyond the FIFO turn (`--placement`
+prints it per seed).
 
 Deadlines. A ticket may carry `deadline_at`, when its client wants the image. Its
 latest useful start is that minus its estimated service time. `submit` refuses it at
@@ -46,6 +64,7 @@ happen; `Worker.in_flight` and `len(Pool.queue)` are the gauges.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import random
 import time
@@ -59,6 +78,7 @@ from gateway.causes import Cause, Stage
 from gateway.errors import Overloaded, RequestError, UpstreamError
 from gateway.fairness import DEFAULT_TEAM, NO_CLAIM, Claim, FairQueue, Priority
 from gateway.health import WorkerHealth
+from gateway.placement import Holder, Popularity, plan
 from gateway.registry import PoolSpec, Registry, WorkerSpec
 
 Clock = Callable[[], float]
@@ -67,7 +87,8 @@ Clock = Callable[[], float]
 # "cancelled" no verdict either; "failed" includes a 200 without an image.
 Outcome = Literal["ok", "answered", "failed", "busy", "cancelled"]
 
-AFFINITY_WINDOW = 4  # how many waiters behind one may claim a slot for affinity
+REPLAN_S = 5.0  # how often the placement is planned again
+PLACEMENT_SPARE = 1  # places per worker the plan leaves to unplaced adapters
 _EWMA = 0.2  # weight of the newest service time in the running estimate
 _RATE_WINDOW_S = 60.0  # completions this recent give the service rate for Retry-After
 
@@ -199,6 +220,9 @@ class Pool:
         self.service_s: float | None = None  # pool-wide estimate, for untried workers
         self._done_at: deque[float] = deque(maxlen=64)  # recent successes: service rate
         self._named = 0  # worker names are never reused, so metrics never mix two
+        self.popularity = Popularity(spec.placement_half_life_s)
+        self.placed: dict[str, frozenset[Worker]] = {}  # adapter -> workers it should be on
+        self._planned_at = -math.inf
         self.set_workers(spec.workers)
 
     # -- configuration --------------------------------------------------------------
@@ -223,6 +247,8 @@ class Pool:
         self.spec = spec
         for worker in self.workers:
             worker.health.spec, worker.warm_size = spec.health, spec.warm_adapters
+        self.popularity.retune(spec.placement_half_life_s, self.clock())
+        self._planned_at = -math.inf  # plan again, with the new settings, at once
         if spec.discover is None:
             self.set_workers(spec.workers)
         else:  # keep what DNS gave until it is asked again, with the new settings
@@ -301,9 +327,11 @@ class Pool:
 
     def next_wakeup(self) -> float | None:
         """The next time a waiter's affinity allowance runs out, or its latest start
-        passes (for a simulation: then `expire` and `dispatch`)."""
+        passes (for a simulation: then `expire` and `dispatch`). For the allowance only
+        the look-ahead's waiters count: one further back changes no choice."""
         now = self.clock()
-        times = [t.wake_at for t in self.queue if t.wake_at is not None and t.wake_at > now]
+        window = itertools.islice(self.queue, self.spec.affinity_lookahead + 1)
+        times = [t.wake_at for t in window if t.wake_at is not None and t.wake_at > now]
         times += [t for t in map(self.latest_start, self.queue) if t is not None and t > now]
         return min(times, default=None)
 
@@ -363,14 +391,17 @@ class Pool:
         now = self.clock()
         free = {w: w.free_slots for w in self.workers if w.in_service and w.free_slots}
         spare = sum(free.values())
-        waiters = list(self.queue)
+        if spare == 0:
+            return False
+        self._replan(now)
+        # The look-ahead is bounded: the head and affinity_lookahead waiters behind it.
+        waiters = list(itertools.islice(self.queue, self.spec.affinity_lookahead + 1))
         deferred: Counter[Worker] = Counter()  # waiters in this pass waiting per worker
         granted = False
         for i, ticket in enumerate(waiters):
             if spare == 0:
                 break
-            behind = waiters[i + 1 : i + 1 + AFFINITY_WINDOW]
-            choice = self._choose(ticket, free, behind, deferred, now)
+            choice = self._choose(ticket, free, waiters[i + 1 :], deferred, now)
             if isinstance(choice, Worker):
                 self._grant(ticket, choice, now)
                 free[choice] -= 1
@@ -389,41 +420,112 @@ class Pool:
         candidates = [w for w, n in free.items() if n and w not in ticket.exclude]
         if not candidates:
             return None
+        home = self._home(ticket.adapter)
         warm = [w for w in candidates if w.is_warm(ticket.adapter)]
         if warm:
-            return self._p2c(warm)
+            return self._p2c([w for w in warm if w in home] or warm)
         allowance = self._allowance(ticket, now)
-        if allowance > 0:
-            wait, worker = self._warm_wait(ticket, deferred, now)
-            if worker is not None and wait <= allowance:
-                deferred[worker] += 1
-                self._passed(ticket, now)
-                return DEFER
-            candidates = [w for w in candidates if not _claimed(w, behind)]
-            if not candidates:
-                self._passed(ticket, now)
-                return None
-        return self._p2c(candidates)
+        if allowance <= 0:
+            return self._cold(ticket.adapter, candidates)
+        wait, worker = self._warm_wait(ticket, deferred, now)
+        if worker is not None and wait <= min(allowance, self.spec.adapter_load_s):
+            deferred[worker] += 1
+            self._passed(ticket, now)
+            return DEFER
+        candidates = [w for w in candidates if not _claimed(w, behind)]
+        placed = [w for w in candidates if w in home]
+        if placed:
+            return self._p2c(placed)  # a load, but where the plan wants the adapter
+        if self.spec.placement and ticket.adapter is not None and not home:
+            # Unplaced: it will be loaded somewhere; where it evicts no placed adapter.
+            harmless = [w for w in candidates if not self._evicts_placed(w)]
+            if harmless:
+                return self._cold(ticket.adapter, harmless)
+        if not candidates:
+            self._passed(ticket, now)
+            return None
+        return self._cold(ticket.adapter, candidates)
+
+    def _home(self, adapter: str | None) -> frozenset[Worker]:
+        """The workers the plan places `adapter` on."""
+        return self.placed.get(adapter, frozenset()) if adapter is not None else frozenset()
+
+    def _cold(self, adapter: str | None, candidates: Sequence[Worker]) -> Worker:
+        """Where to load `adapter`: a worker it is placed on, else where the load costs
+        least (its share of a try's slot time there, doubled if it evicts a placed
+        adapter, which will be loaded again). Loads that cost nothing: by load alone."""
+        home = self._home(adapter)
+        placed = [w for w in candidates if w in home]
+        if placed or adapter is None or not self.spec.adapter_load_s:
+            return self._p2c(placed or candidates)
+        costs = {w: self._load_cost(w) for w in candidates}
+        least = min(costs.values())
+        return self._p2c([w for w, cost in costs.items() if cost <= least * (1 + 1e-9)])
+
+    def _load_cost(self, worker: Worker) -> float:
+        mean = worker.service_s if worker.service_s is not None else self.service_s
+        cost = 1.0 / mean if mean else worker.spec.weight
+        return cost * 2 if self._evicts_placed(worker) else cost
+
+    def _evicts_placed(self, worker: Worker) -> bool:
+        """Would a load on `worker` push out (its LRU) an adapter placed there?"""
+        if not worker.warm or len(worker.warm) < worker.warm_size:
+            return False
+        return worker in self._home(next(iter(worker.warm)))
+
+    def _replan(self, now: float) -> None:
+        if now < self._planned_at + REPLAN_S:
+            return
+        self._planned_at = now
+        if not self.spec.placement:
+            self.placed = {}
+            return
+        workers = [w for w in self.workers if w.in_service]
+        index = {w: i for i, w in enumerate(workers)}
+        holders = [
+            Holder(w.spec.max_concurrency * w.spec.weight, w.warm_size, w.warm) for w in workers
+        ]
+        previous = {
+            a: frozenset(index[w] for w in ws if w in index) for a, ws in self.placed.items()
+        }
+        shares = self.popularity.shares()
+        at = plan(shares, holders, spare=PLACEMENT_SPARE, previous=previous)
+        self.placed = {a: frozenset(workers[i] for i in where) for a, where in at.items()}
 
     def _allowance(self, ticket: Ticket, now: float) -> float:
-        """How much longer affinity may keep `ticket` waiting (the stated bound)."""
-        start = now if ticket.passed_at is None else ticket.passed_at
-        return start + self.spec.adapter_load_s - now
+        """How much longer affinity may hold `ticket` back (the stated bound)."""
+        if ticket.passed_at is None or ticket.wake_at is None:
+            return self._bound_s()
+        return ticket.wake_at - now
+
+    def _bound_s(self) -> float:
+        """adapter_load_s x the waiters per slot (at least 1), at most
+        affinity_wait_max_s: the longer the queue, the more a saved load is worth
+        against one request's wait."""
+        spec = self.spec
+        most = spec.affinity_wait_max_s
+        most = 4 * spec.adapter_load_s if most is None else most
+        slots = sum(w.spec.max_concurrency for w in self.workers if w.in_service) or 1
+        return min(most, spec.adapter_load_s * max(1.0, len(self.queue) / slots))
 
     def _passed(self, ticket: Ticket, now: float) -> None:
         if ticket.passed_at is None:
             ticket.passed_at = now
-            ticket.wake_at = now + self.spec.adapter_load_s
+            ticket.wake_at = now + self._bound_s()
 
     def _warm_wait(
         self, ticket: Ticket, deferred: Counter[Worker], now: float
     ) -> tuple[float, Worker | None]:
-        """The busy warm worker expected to free a slot for `ticket` first, and when."""
+        """The busy worker expected to free a slot for `ticket` first, and when: one
+        warm for its adapter, or one it is placed on if it is warm nowhere."""
+        home = self._home(ticket.adapter)
+        if any(w.is_warm(ticket.adapter) for w in self.workers):
+            home = frozenset()
         best: tuple[float, Worker | None] = (math.inf, None)
         for worker in self.workers:
             if worker.free_slots or not worker.in_service or worker in ticket.exclude:
                 continue
-            if worker.is_warm(ticket.adapter):
+            if worker.is_warm(ticket.adapter) or worker in home:
                 wait = self._slot_free_in(worker, deferred[worker], now)
                 best = min(best, (wait, worker), key=lambda pair: pair[0])
         return best
@@ -453,6 +555,8 @@ class Pool:
 
     def _grant(self, ticket: Ticket, worker: Worker, now: float) -> None:
         self.queue.remove(ticket)
+        if ticket.adapter is not None:
+            self.popularity.add(ticket.adapter, now)
         ticket.worker, ticket.granted_at, ticket.wake_at = worker, now, None
         worker.in_flight += 1
         worker.running.add(ticket)

@@ -464,8 +464,8 @@ class PoolSpec(_Frozen):
     max_queue: Annotated[int, Field(ge=0, le=100_000)] = 100
     queue_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
     # Affinity: each worker is taken to hold its last `warm_adapters` adapters (its
-    # LoRA cache); loading a cold one costs about adapter_load_s. That cost is also the
-    # most a request is kept waiting for a warm worker or passed over for one.
+    # LoRA cache); loading a cold one costs about adapter_load_s. A request waits for a
+    # warm worker only while that is expected to cost less than a load.
     warm_adapters: Annotated[int, Field(ge=0, le=1000)] = 4
     adapter_load_s: Annotated[float, Field(ge=0, le=600)] = 1.0
     # Fair sharing (gateway/fairness.py): a batch request that has waited this long is
@@ -474,6 +474,16 @@ class PoolSpec(_Frozen):
     # A team that used less than its share (or none) may run ahead of the others by at
     # most this many GPU-seconds per unit of weight: room for a light team's bursts.
     share_credit_s: Annotated[float, Field(ge=0, le=86400)] = 60.0
+    # How long affinity may hold a request back (passed over, or waiting for a warm
+    # worker): adapter_load_s x waiters per slot (at least 1), at most affinity_wait_max_s
+    # (None: 4 x adapter_load_s). A free slot looks at most affinity_lookahead waiters
+    # past the head of the queue.
+    affinity_wait_max_s: Annotated[float, Field(ge=0, le=3600)] | None = None
+    affinity_lookahead: Annotated[int, Field(ge=0, le=1000)] = 8
+    # Placement: the pool decides on which workers each adapter should be warm, from
+    # its share of requests, counted with this half-life (gateway/placement.py).
+    placement: bool = True
+    placement_half_life_s: Annotated[float, Field(gt=0, le=86_400)] = 120.0
     # Retries go to another worker. Failures before a worker accepted the job
     # (connect error, reset before a response, 429, 503) are retried up to
     # max_retries; failures after it (500/502/504, a timeout, a cut-off body, a 200

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from gateway.balancer import Balancer, Pool, Ticket, Worker, outcome_of
+from gateway.balancer import Balancer, Outcome, Pool, Ticket, Worker, outcome_of
 from gateway.causes import Cause
 from gateway.errors import Overloaded, UpstreamError, UpstreamRejected
 from gateway.health import State
@@ -216,10 +216,10 @@ def test_a_waiter_for_a_warm_worker_leaves_the_free_slot_to_others() -> None:
 
 
 def test_affinity_bound_when_waiting_for_a_warm_worker() -> None:
-    """The warm worker overruns: the waiter takes the cold one exactly
-    adapter_load_s after it first chose to wait, never later."""
+    """The warm worker overruns: the waiter takes the cold one exactly its bound
+    (here affinity_wait_max_s) after it first chose to wait, never later."""
     clock = FakeClock()
-    pool, _busy = warm_busy_pool(clock)
+    pool, _busy = warm_busy_pool(clock, affinity_wait_max_s=1.0)
     clock.advance(1.5)
     started = clock.now
     waiter = submit(pool, "a")
@@ -236,11 +236,11 @@ def test_affinity_bound_when_waiting_for_a_warm_worker() -> None:
 
 def test_affinity_bound_when_passed_over_for_warm_requests() -> None:
     """A cold request at the head steps aside for warm ones behind it only within
-    adapter_load_s of the first time; the next slot after that is its, though a warm
-    request waits behind it."""
+    its bound (here affinity_wait_max_s) of the first time; the next slot after that is
+    its, though a warm request waits behind it."""
     clock = FakeClock()
     specs: Sequence[str | dict[str, Any]] = [{"url": urls(1)[0], "adapters": ["a"]}]
-    pool = make_pool(specs, clock, adapter_load_s=1.0)
+    pool = make_pool(specs, clock, adapter_load_s=1.0, affinity_wait_max_s=1.0)
     running = submit(pool, "a")
     head = submit(pool, "x")
     warm_behind = [submit(pool, "a")]
@@ -490,3 +490,199 @@ def test_a_removed_worker_finishes_its_tries() -> None:
     assert leaving.in_flight == 1
     pool.release(ticket, "ok")
     assert leaving.in_flight == 0
+
+
+# -- placement, look-ahead, the bound (issue 13) ------------------------------------------
+
+
+def serve(pool: Pool, clock: FakeClock, adapters: Sequence[str], each_s: float = 1.0) -> None:
+    """One request at a time, each done in `each_s`."""
+    for adapter in adapters:
+        ticket = submit(pool, adapter)
+        assert ticket.worker is not None
+        clock.advance(each_s)
+        pool.release(ticket, "ok")
+
+
+def test_placement_follows_a_popularity_shift() -> None:
+    clock = FakeClock()
+    # Two places in the plan: warm_adapters 2 each, one left spare.
+    pool = make_pool(urls(2), clock, warm_adapters=2, placement_half_life_s=10)
+    serve(pool, clock, ["a", "a", "a", "b"] * 10)
+    assert set(pool.placed) == {"a", "b"}
+    assert pool.placed["a"] != pool.placed["b"], "one each: the traffic splits"
+    serve(pool, clock, ["c", "c", "c", "d"] * 10)  # 40 s: four half-lives
+    assert set(pool.placed) == {"c", "d"}, "the view follows the new ranking"
+
+
+def test_a_cold_adapter_is_loaded_where_it_is_placed() -> None:
+    clock = FakeClock()
+    pool = make_pool(urls(2), clock, warm_adapters=2)
+    serve(pool, clock, ["a", "b"] * 10)
+    (home,) = pool.placed["a"]
+    for _ in range(20):
+        for worker in pool.workers:
+            worker.warm.clear()  # as if both had restarted
+        ticket = submit(pool, "a")
+        assert ticket.worker is home, "not the other, equally free and cold, worker"
+        pool.release(ticket, "ok")
+
+
+def test_placement_off_plans_nothing() -> None:
+    clock = FakeClock()
+    pool = make_pool(urls(2), clock, warm_adapters=2, placement=False)
+    serve(pool, clock, ["a", "b"] * 10)
+    assert pool.placed == {}
+
+
+@pytest.mark.parametrize(("lookahead", "steps_aside"), [(2, False), (3, True)])
+def test_a_free_slot_looks_at_most_affinity_lookahead_waiters_past_the_head(
+    lookahead: int, steps_aside: bool
+) -> None:
+    clock = FakeClock()
+    specs: Sequence[str | dict[str, Any]] = [{"url": urls(1)[0], "adapters": ["a"]}]
+    pool = make_pool(specs, clock, affinity_lookahead=lookahead)
+    running = submit(pool, "a")
+    head, *others = (submit(pool, adapter) for adapter in ["x", "y", "z", "a"])
+    pool.release(running, "ok")
+    warm_one = others[-1]
+    assert (head.worker is None) is steps_aside
+    assert (warm_one.worker is not None) is steps_aside
+
+
+def test_the_bound_grows_with_the_queue_up_to_affinity_wait_max_s() -> None:
+    """Held back first with 3 waiting on 1 slot: adapter_load_s x 3/1 = 3 s, at most
+    affinity_wait_max_s; after that the head takes the next slot."""
+    for most, bound in ((10.0, 3.0), (2.5, 2.5)):
+        clock = FakeClock()
+        specs: Sequence[str | dict[str, Any]] = [{"url": urls(1)[0], "adapters": ["a"]}]
+        pool = make_pool(specs, clock, adapter_load_s=1.0, affinity_wait_max_s=most)
+        running = submit(pool, "a")
+        head, behind = submit(pool, "x"), [submit(pool, "a"), submit(pool, "a")]
+        pool.release(running, "ok")
+        assert head.worker is None
+        assert head.passed_at == clock.now
+        assert head.wake_at == clock.now + bound
+        running = behind[0]
+        clock.advance(bound)
+        pool.release(running, "ok")
+        assert head.worker is not None, "its bound is over: the next slot is its"
+        assert behind[1].worker is None
+
+
+def test_reload_changes_the_placement_knobs() -> None:
+    clock = FakeClock()
+    balancer = Balancer(make_registry({"p": urls(2)}, warm_adapters=2), clock=clock)
+    pool = balancer.pool("p")
+    serve(pool, clock, ["a", "b"] * 3)
+    assert pool.placed
+    balancer.update(make_registry({"p": urls(2)}, warm_adapters=2, placement=False))
+    serve(pool, clock, ["a"])
+    assert pool.placed == {}, "off at once, not at the next planning"
+    options: dict[str, Any] = {
+        "placement_half_life_s": 30,
+        "affinity_lookahead": 1,
+        "affinity_wait_max_s": 2,
+    }
+    balancer.update(make_registry({"p": urls(2)}, warm_adapters=2, **options))
+    assert pool.popularity.half_life_s == 30
+    assert (pool.spec.affinity_lookahead, pool.spec.affinity_wait_max_s) == (1, 2)
+    serve(pool, clock, ["a"])
+    assert pool.placed, "planned again at once"
+
+
+def test_no_slot_leaks_and_the_bound_holds_in_a_random_run() -> None:
+    """A seeded random run on the fake clock: requests for skewed adapters whose
+    popularity shifts half-way, some withdrawn, some failing. At the end every slot is
+    free and the queue empty; and once a request's allowance was over, no request
+    behind it was served before it."""
+    rng = random.Random(5)
+    clock = FakeClock()
+    specs: Sequence[str | dict[str, Any]] = [
+        {"url": u, "max_concurrency": n, "weight": n}
+        for u, n in zip(urls(3), (1, 2, 4), strict=True)
+    ]
+    pool = make_pool(specs, clock, warm_adapters=3, adapter_load_s=0.5, max_queue=10_000)
+    submitted: list[Ticket] = []
+    running: list[Ticket] = []
+    allowance_end: dict[int, float] = {}  # id(ticket) -> when affinity stops holding it
+    withdrawn = 0
+
+    def step_done() -> None:
+        for worker in pool.workers:
+            assert worker.in_flight == len(worker.running) <= worker.spec.max_concurrency
+        for ticket in pool.queue:
+            if ticket.wake_at is not None:
+                allowance_end[id(ticket)] = ticket.wake_at
+
+    names = [f"lora-{k}" for k in range(12)]
+    weights = [1 / (k + 1) for k in range(12)]
+    for step in range(3000):
+        ranked = names if step < 1500 else names[::-1]
+        clock.advance(rng.expovariate(8.0))
+        if rng.random() < 0.5:
+            ticket = Ticket(rng.choices(ranked, weights)[0], running.append)
+            submitted.append(ticket)
+            pool.submit(ticket)
+        elif running:
+            outcome: Outcome = rng.choice(["ok", "ok", "failed"])
+            pool.release(running.pop(rng.randrange(len(running))), outcome)
+        if rng.random() < 0.01 and pool.queue:
+            pool.withdraw(rng.choice(list(pool.queue)))
+            withdrawn += 1
+        wake = pool.next_wakeup()
+        if wake is not None and wake <= clock.now:
+            pool.dispatch()
+        step_done()
+    while pool.queue or running:
+        if running:
+            pool.release(running.pop(0), "ok")
+        else:
+            wake = pool.next_wakeup()
+            assert wake is not None, "waiters, free slots, and nothing to wake them"
+            clock.now = wake
+            pool.dispatch()
+        step_done()
+    assert not pool.queue
+    assert all(w.in_flight == 0 and not w.running for w in pool.workers)
+    granted = [t for t in submitted if t.worker is not None]
+    assert pool.stats.admitted == len(granted) == len(submitted) - withdrawn
+    assert pool.stats.adapter_loads > 0
+    assert pool.placed
+    assert allowance_end, "affinity held some back"
+    for i, ticket in enumerate(submitted):
+        end = allowance_end.get(id(ticket))
+        if end is None or ticket.worker is None:
+            continue
+        overtook = [
+            t
+            for t in submitted[i + 1 :]
+            if t.worker is not None and end < t.granted_at < ticket.granted_at
+        ]
+        assert not overtook, f"{len(overtook)} served after {end} before one held since"
+
+
+@pytest.mark.parametrize("adapter_load_s", [0.0, 1.0])
+def test_a_load_goes_where_it_costs_least_slot_time_if_it_costs_at_all(
+    adapter_load_s: float,
+) -> None:
+    """p-1 takes 3 s a try, p-0 1 s: a load's 1 s is a third of a try on p-1, all of
+    one on p-0. A free load (adapter_load_s 0, no affinity) goes by load alone."""
+    clock = FakeClock()
+    pool = make_pool(urls(2), clock, adapter_load_s=adapter_load_s, warm_adapters=0)
+    for worker, took in zip(pool.workers, (1.0, 3.0), strict=True):
+        others = tuple(w for w in pool.workers if w is not worker)
+        ticket = Ticket(None, exclude=others)
+        pool.submit(ticket)
+        clock.advance(took)
+        pool.release(ticket, "ok")
+    chosen: Counter[str] = Counter()
+    for k in range(400):
+        ticket = submit(pool, f"lora-{k}")
+        assert ticket.worker is not None
+        chosen[ticket.worker.name] += 1
+        pool.release(ticket, "cancelled")
+    if adapter_load_s:
+        assert chosen == {"p-1": 400}
+    else:
+        assert min(chosen["p-0"], chosen["p-1"]) > 120, chosen

@@ -311,12 +311,14 @@ async def test_an_attempt_past_its_deadline_gets_503_and_leaves_the_queue() -> N
 
 def test_affinity_overtakes_the_fair_order_within_its_bound_and_is_charged() -> None:
     """Light's cold request heads the fair order; heavy's warm ones behind may take
-    the slot (to save a load) only within adapter_load_s of the first time they did.
-    Then light's turn comes, and heavy, charged for going ahead, waits for light's
-    next request too."""
+    the slot (to save a load) only within light's allowance (capped here at 1 s) of the
+    first time they did. Then light's turn comes, and heavy, charged for going ahead,
+    waits for light's next request too."""
     clock = FakeClock()
     worker = {"url": "http://127.0.0.1:1", "adapters": ["a"]}
-    registry = make_registry({"p": [worker]}, adapter_load_s=1.0, share_credit_s=0)
+    registry = make_registry(
+        {"p": [worker]}, adapter_load_s=1.0, affinity_wait_max_s=1.0, share_credit_s=0
+    )
     pool = Balancer(registry, clock=clock, rng=random.Random(1)).pool("p")
 
     def warm(team: str, adapter: str) -> Ticket:
@@ -339,7 +341,7 @@ def test_affinity_overtakes_the_fair_order_within_its_bound_and_is_charged() -> 
         (running,) = [t for w in pool.workers for t in w.running]
         granted.append(running)
     # Passed over at +0.4, +0.8 and +1.2; its allowance ran out at +1.4, so the
-    # release at +1.6 is its: 1.2 s beyond its turn (adapter_load_s plus one slot).
+    # release at +1.6 is its: 1.2 s beyond its turn (its allowance plus one slot).
     assert granted[:4] == [heavy[0], heavy[1], heavy[2], light[0]]
     assert light[0].passed_at == pytest.approx(light[0].queued_at + 0.4)
     assert light[0].granted_at - (light[0].queued_at + 0.4) <= 1.0 + 0.4

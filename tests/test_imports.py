@@ -64,6 +64,7 @@ LAYERS: dict[str, int] = {
     "gateway.server": 4,  # the HTTP server's protocol class, bounded by the registry's limits
     "gateway.settings": 4,  # the environment, read once; applied over a registry
     "gateway.simservers": 4,  # the simulated worker's Cog and ComfyUI faces
+    "gateway.placement": 4,  # where each adapter should be warm: plain data, no imports
     # 5: each protocol; the balancer (on the health state); coalescing (on the cache)
     "gateway.protocols.friendli_container": 5,
     "gateway.protocols.openai_images": 5,

@@ -53,3 +53,20 @@ def test_the_balancer_keeps_the_benchs_rho_08_targets() -> None:
     assert ratios["p99 / ideal central queue"] <= P99_VS_IDEAL, shown
     assert ratios["p99 / least-loaded push"] <= P99_VS_PUSH, shown
     assert ratios["adapter loads / least-loaded push"] <= LOADS_VS_PUSH, shown
+
+
+def test_the_placement_report_runs_on_short_runs() -> None:
+    """Issue 13's report, every part of it, on runs too short to mean anything."""
+    report = balance.seed_report(2, balance.ISSUE3, duration_s=200, stable_s=200)
+    assert 0.5 <= report.stable_ours <= report.stable_ideal <= 1.03
+    lines = list(balance.placement_table([report], goals=True))
+    assert any(line.startswith("| max stable rho (ideal) |") for line in lines)
+    assert all(line.endswith(("| met |", "| NOT MET |", "| |")) for line in lines[2:])
+    heavy = balance.seed_report(2, balance.HEAVY, duration_s=100, stable_s=100)
+    assert "— |" in "".join(balance.placement_table([heavy], goals=False))
+    assert len(balance.shift_report(2, duration_s=1400)) == 2
+
+
+def test_stable_follows_the_issues_definition() -> None:
+    assert balance.stable(balance.IDEAL, 0.5, 1, balance.ISSUE3, duration_s=400)
+    assert not balance.stable(balance.IDEAL, 1.2, 1, balance.ISSUE3, duration_s=400)
