@@ -17,10 +17,11 @@ from gateway.auth import log_auth_mode
 from gateway.balancer import Balancer, Clock
 from gateway.cache import open_cache
 from gateway.coalesce import Coalescer
+from gateway.coordination import open_coordination
 from gateway.discovery import Discovery, Resolver, resolve_dns
 from gateway.drain import Drain
 from gateway.errors import EXCEPTION_HANDLERS
-from gateway.metrics import CacheMetrics, Metrics
+from gateway.metrics import CacheMetrics, CoordinationMetrics, Metrics
 from gateway.middleware import BodyLimitMiddleware, ObserveMiddleware, RequestIdMiddleware
 from gateway.openapi import openapi_json
 from gateway.pipeline import Pipeline
@@ -65,12 +66,14 @@ def create_app(
         # with: a reload that changes the cache section applies at the next restart.
         cache_observer = CacheMetrics(metrics)
         limiter_url, limiter_timeout_s = redis_for(registry)
+        balancer = Balancer(registry, clock=clock)
+        coordination_observer = CoordinationMetrics(metrics)
         async with (
             open_worker_session(slots=registry.worker_slots) as session,
             open_rate_limiter(limiter_url, timeout_s=limiter_timeout_s) as rate_limiter,
             open_cache(registry.cache, observer=cache_observer) as cache,
+            open_coordination(registry, balancer, observer=coordination_observer) as coordination,
         ):
-            balancer = Balancer(registry, clock=clock)
             discovery = Discovery(balancer=balancer, resolver=resolver, clock=clock)
             await discovery.refresh_due()  # DNS pools start with their workers, if any
             prober = Prober(balancer=balancer, session=session, clock=clock)
@@ -94,6 +97,8 @@ def create_app(
             jobs = [prober.run(), discovery.run(), _sync_metrics(metrics, pipeline)]
             if reloader is not None:
                 jobs.append(reloader.watch(every_s=reload_every_s))
+            if coordination is not None:
+                jobs.append(coordination.run())
             async with _background(*jobs), _signals(reloader, state.drain, enabled=signals):
                 # Start-up objects live for the process: keep them out of every GC pass.
                 gc.freeze()
