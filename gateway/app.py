@@ -98,6 +98,7 @@ def create_app(
             if reloader is not None:
                 jobs.append(reloader.watch(every_s=reload_every_s))
             if coordination is not None:
+                await coordination.beat()  # joined (or alone) before the first request
                 jobs.append(coordination.run())
             async with _background(*jobs), _signals(reloader, state.drain, enabled=signals):
                 # Start-up objects live for the process: keep them out of every GC pass.

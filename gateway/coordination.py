@@ -43,10 +43,11 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from contextlib import asynccontextmanager, suppress
 from typing import Any, Literal, Protocol
 
@@ -156,6 +157,7 @@ class Dispatcher:
         # held back until then (so that all of them queue in arrival order).
         self.expecting: set[str] = set()
         self.held: dict[str, Message] = {}
+        self.heard: dict[str, float] = {}  # process -> when a message of its was handled
 
     def owns(self, ticket: Ticket) -> bool:
         return ticket in self.owner
@@ -175,7 +177,9 @@ class Dispatcher:
         those already waiting, who came earlier); new tries then by arrival time, the
         processes' clocks, so a takeover's resubmissions keep their order."""
         tries = self.held
+        now = self.pool.clock()
         for msg in messages:
+            self.heard[msg["r"]] = now
             op = msg["op"]
             if op == "submit":
                 tries[msg["id"]] = msg
@@ -329,6 +333,7 @@ class Member:
         self.role: Role = "alone"
         self.epoch: str | None = None
         self.live: list[str] = [me]
+        self.peers: list[str] = [me]  # who shares the slots while Redis is away
         self.dispatcher = Dispatcher(pool, send=self._send, record=self._record)
         self.tries: dict[str, Ticket] = {}  # this process's tries, waiting or running
         self.ids: dict[Ticket, str] = {}
@@ -376,7 +381,11 @@ class Member:
     # -- answers ------------------------------------------------------------------------
 
     def received(self, msg: Message) -> None:
-        """A grant or a failure from the dispatcher, here or through Redis."""
+        """A grant or a failure from the dispatcher, here or through Redis. One of
+        another epoch is void: an old dispatcher's, whose state the sync replaced, or a
+        new one's before this process heard of it (its coming sync settles that)."""
+        if msg.get("ep", self.epoch) != self.epoch:
+            return
         tid = msg["id"]
         ticket = self.tries.get(tid)
         if msg["op"] == "grant":
@@ -422,8 +431,10 @@ class Member:
             self.out(("slots", {tid: {"w": url, "f": f} for tid, (url, f) in running.items()}))
             self.out(("inbox", {"op": "sync", "r": self.me, "run": running, "wait": waiting}))
             return
+        if role == "leader":  # its own records: what it runs now, none left from before
+            self.out(("slots", {tid: {"w": url, "f": f} for tid, (url, f) in running.items()}))
         if role == "alone":
-            set_shares(self.pool, self.live, self.me)
+            set_shares(self.pool, self.peers, self.me)
         for process, records in (slots or {}).items():
             if process != self.me:  # this process's own word is `tries`, not its records
                 for tid, record in records.items():
@@ -431,17 +442,26 @@ class Member:
         for tid, (url, fields) in running.items():
             self.dispatcher.hold(self.me, tid, url, fields)
         if role == "leader":
-            self.dispatcher.gather(p for p in self.live if p != self.me)
+            # The processes of the last two heartbeats: after a Redis restart the first
+            # lists only those that have heartbeated again, not all that hold slots.
+            self.dispatcher.gather(p for p in self.peers if p != self.me)
         self.dispatcher.handle(waiting)
 
-    def members(self, live: Iterable[str]) -> None:
-        """The processes alive now (heartbeats): a dispatcher forgets the others."""
-        self.live = sorted(live)
+    def members(self, live: Iterable[str], *, asked_at: float | None = None) -> None:
+        """The processes alive now (heartbeats): a dispatcher forgets the others, but
+        not one heard from since `asked_at` (when the list was asked for): it joined
+        after that, and is alive."""
+        before, self.live = set(self.live), sorted(live)
+        # For a share: those of the last two heartbeats, so that the first one after a
+        # Redis restart (few have heartbeated yet) does not inflate it.
+        self.peers = sorted(before | set(self.live))
         if self.role == "leader":
             if self.dispatcher.expecting:
-                self.dispatcher.settle(self.live)
+                self.dispatcher.settle(self.peers)
+            heard = self.dispatcher.heard
             for process in self.dispatcher.processes() - set(self.live) - {self.me}:
-                self.dispatcher.forget(process)
+                if asked_at is None or heard.get(process, -math.inf) < asked_at:
+                    self.dispatcher.forget(process)
 
     def detach(self) -> None:
         self.dispatcher.reset()
@@ -462,7 +482,7 @@ class Member:
         if process == self.me:
             self.received(msg)
         elif self.role == "leader":
-            self.out(("reply", process, msg))
+            self.out(("reply", process, {**msg, "ep": self.epoch}))
 
     def _record(self, process: str, tid: str, record: Message | None) -> None:
         if self.role == "leader":
@@ -570,16 +590,18 @@ class PoolLink:
     async def beat(self) -> None:
         member, keys = self.member, self.keys
         leading = "1" if member.role == "leader" else "0"
+        asked_at = self.pool.clock()
         try:
             leader, epoch, fresh, live = await self._heartbeat(
                 keys=[keys.members, keys.leader, keys.epoch, keys.slots(self.me)],
                 args=[self.me, self.lease_ms, leading, secrets.token_hex(6)],
             )
             leader, epoch = _text(leader), _text(epoch)
-            live = [_text(p) for p in live]
+            # Before a takeover, which reads them.
+            member.members([_text(p) for p in live], asked_at=asked_at)
             if leader == self.me:
                 if member.role != "leader" or epoch != member.epoch:
-                    slots = await self._slot_records(live)
+                    slots = await self._slot_records(member.live)
                     await self._warm_from_copy()
                     self._take("leader", epoch, slots)
                 else:
@@ -588,9 +610,8 @@ class PoolLink:
             elif member.role != "follower" or epoch != member.epoch or fresh:
                 self._take("follower", epoch, None)
         except REDIS_ERRORS as exc:
+            _reraise_cancel()
             self.lost(exc)
-            return
-        member.members(live)
 
     def _take(self, role: Role, epoch: str, slots: Slots | None) -> None:
         if self._lost_at is not None:
@@ -616,7 +637,7 @@ class PoolLink:
             "process's share of each worker (%d live processes known) until it is back",
             self.pool.name,
             type(exc).__name__,
-            max(1, len(set(self.member.live) | {self.me})),
+            max(1, len(set(self.member.peers) | {self.me})),
         )
         self._lost_at = time.monotonic()
         self.observer.fallback(self.pool.name)
@@ -659,6 +680,7 @@ class PoolLink:
     async def read(self) -> None:
         """The inbox while leading, this process's replies while following."""
         while True:
+            _reraise_cancel()
             role = self.member.role
             if role == "alone":
                 await asyncio.sleep(0.05)
@@ -670,22 +692,31 @@ class PoolLink:
                     continue
                 more = await self.client.lpop(key, BATCH) or []
             except REDIS_ERRORS as exc:
+                _reraise_cancel()
                 self.lost(exc)
                 continue
             if self.member.role != role:
-                continue  # read for a role left meanwhile: the new role's sync covers it
-            # From live processes only: a dead one's leftovers would take slots for
-            # nobody (a process is a member from its first heartbeat, before it sends).
-            live = set(self.member.live)
-            messages = [m for m in map(json.loads, (got[1], *more)) if m.get("r") in live]
+                await self._unread(key, role, [got[1], *more])
+                continue
+            messages = [json.loads(raw) for raw in (got[1], *more)]
             if role == "leader":
                 self.member.dispatcher.handle(messages)
-            else:
-                for msg in messages:
-                    self.member.received(msg)
+                continue
+            for msg in messages:
+                self.member.received(msg)
+            if any(m.get("ep") != self.member.epoch for m in messages):
+                await self.beat()  # a new dispatcher: learn its epoch now, not at the next beat
+
+    async def _unread(self, key: str, role: Role, raw: list[Any]) -> None:
+        """Messages read for a role left meanwhile: the inbox's go back to its head for
+        the next dispatcher; replies for an old epoch are void (the sync replaces them)."""
+        if role == "leader" and self.member.role == "follower":
+            with suppress(*REDIS_ERRORS):
+                await self.client.lpush(key, *reversed(raw))
 
     async def write(self) -> None:
         while True:
+            _reraise_cancel()
             await self._wake.wait()
             self._wake.clear()
             ops, self.ops = self.ops, []
@@ -697,6 +728,7 @@ class PoolLink:
             try:
                 await pipe.execute()
             except REDIS_ERRORS as exc:
+                _reraise_cancel()
                 self.lost(exc)
 
     def _queue(self, pipe: Any, op: Op) -> None:
@@ -724,6 +756,23 @@ class PoolLink:
         with suppress(*REDIS_ERRORS):
             await self._leave(keys=[self.keys.members, self.keys.leader], args=[self.me])
         self.member.detach()
+
+
+def _reraise_cancel() -> None:
+    """redis-py may swallow a cancellation inside a command, or turn it into its own
+    error: a task being cancelled must stop, not take it for an outage and go on."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+async def _logged(job: Coroutine[Any, Any, None], pool: str) -> None:
+    """A link's task: a bug in it is logged, never lost with the task."""
+    try:
+        await job
+    except Exception:
+        log.exception("coordination of pool %r stopped by a bug", pool)
+        raise
 
 
 def _text(value: Any) -> str:
@@ -755,9 +804,9 @@ class Coordination:
 
     async def run(self) -> None:
         try:
-            while True:
-                await self.beat()
+            while True:  # the app's lifespan ran the first beat before serving
                 await asyncio.sleep(self.spec.lease_s / 3)
+                await self.beat()
         finally:
             for name in list(self.links):
                 await self._unlink(name)
@@ -782,7 +831,10 @@ class Coordination:
             lease_s=self.spec.lease_s,
             observer=self.observer,
         )
-        tasks = [asyncio.create_task(link.read()), asyncio.create_task(link.write())]
+        tasks = [
+            asyncio.create_task(_logged(link.read(), pool.name)),
+            asyncio.create_task(_logged(link.write(), pool.name)),
+        ]
         self.links[pool.name] = (link, tasks)
 
     async def _unlink(self, name: str) -> None:
@@ -818,12 +870,13 @@ async def open_coordination(
 
 
 def _client(url: str, cluster: bool, timeout_s: float) -> RedisClient:
-    # No retries in redis-py: a failed call means "run alone now", and the heartbeat
+    # One retry, at once: a pooled connection that a Redis restart broke fails once and
+    # reconnects. Past that a failed call means "run alone now", and the heartbeat
     # tries again every lease_s/3.
     options: dict[str, Any] = {
         "socket_timeout": timeout_s,
         "socket_connect_timeout": timeout_s,
-        "retry": Retry(NoBackoff(), 0),
+        "retry": Retry(NoBackoff(), 1),
     }
     if cluster:
         return RedisCluster.from_url(url, **options)
