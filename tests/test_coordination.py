@@ -163,6 +163,26 @@ def test_a_grant_that_crosses_a_withdrawal_comes_back() -> None:
     assert not p0.dispatcher.tickets
 
 
+def test_an_answer_of_another_epoch_is_void() -> None:
+    clock, log = FakeClock(), Log()
+    later: list[Callable[[], None]] = []
+    hub = MemoryHub(deliver=later.append)
+    _, (p0, p1) = cluster(2, clock, hub=hub)
+    while later:  # the followers' first sync
+        later.pop(0)()
+    t = log.ticket("t")
+    p1.pool.submit(t)
+    later.pop(0)()  # the dispatcher grants; the grant is on its way...
+    stale = later.pop(0)
+    hub.elect("p0")  # ...when a new epoch starts (a takeover): p1 resends its state
+    stale()  # the old grant arrives: void, the sync decides
+    assert t.worker is None
+    while later:
+        later.pop(0)()
+    assert t.worker is not None  # granted again in the new epoch, once
+    assert busy(p0) == [1]
+
+
 def test_a_dead_process_returns_its_slots_and_its_waiters_leave() -> None:
     clock, log = FakeClock(), Log()
     hub, (p0, p1, p2) = cluster(3, clock, slots=(2,))
