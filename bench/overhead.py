@@ -574,10 +574,6 @@ def report_protocols(
         )
 
 
-if __name__ == "__main__":
-    main()
-
-
 def _free_port() -> int:
     """A port that was free a moment ago. The baseline tree's `gateway serve` and the
     static upstream cannot report a port of their own choosing; a lost race fails the
@@ -586,3 +582,7 @@ def _free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+if __name__ == "__main__":
+    main()
