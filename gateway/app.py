@@ -27,7 +27,7 @@ from gateway.openapi import openapi_json
 from gateway.pipeline import Pipeline
 from gateway.prober import Prober
 from gateway.protocols import open_worker_session
-from gateway.ratelimit import KeyLimits, open_rate_limiter, redis_for
+from gateway.ratelimit import open_key_limits, redis_for
 from gateway.registry import Registry, load_registry
 from gateway.reload import RegistryFile, Reloader
 from gateway.routes import ROUTES
@@ -70,9 +70,14 @@ def create_app(
         coordination_observer = CoordinationMetrics(metrics)
         async with (
             open_worker_session(slots=registry.worker_slots) as session,
-            open_rate_limiter(limiter_url, timeout_s=limiter_timeout_s) as rate_limiter,
-            open_cache(registry.cache, observer=cache_observer) as cache,
             open_coordination(registry, balancer, observer=coordination_observer) as coordination,
+            open_key_limits(
+                limiter_url,
+                timeout_s=limiter_timeout_s,
+                lease_s=registry.coordination.lease_s,
+                replicas=coordination.replicas if coordination is not None else lambda: 1,
+            ) as key_limits,
+            open_cache(registry.cache, observer=cache_observer) as cache,
         ):
             discovery = Discovery(balancer=balancer, resolver=resolver, clock=clock)
             await discovery.refresh_due()  # DNS pools start with their workers, if any
@@ -88,7 +93,7 @@ def create_app(
             reloader = _reloader(source, pipeline, metrics)
             state.served = Served(
                 pipeline=pipeline,
-                key_limits=KeyLimits(rate=rate_limiter),
+                key_limits=key_limits,
                 reloader=reloader,
                 openapi=(registry.digest, openapi_json(registry)),
             )
@@ -100,6 +105,8 @@ def create_app(
             if coordination is not None:
                 await coordination.beat()  # joined (or alone) before the first request
                 jobs.append(coordination.run())
+            if key_limits.shared is not None:
+                jobs.append(key_limits.shared.renew())
             async with _background(*jobs), _signals(reloader, state.drain, enabled=signals):
                 # Start-up objects live for the process: keep them out of every GC pass.
                 gc.freeze()

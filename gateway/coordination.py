@@ -799,6 +799,10 @@ class Coordination:
         self.me = me or f"{os.getpid()}-{secrets.token_hex(4)}"
         self.links: dict[str, tuple[PoolLink, list[asyncio.Task[None]]]] = {}
 
+    def replicas(self) -> int:
+        """How many processes share the workers, as the last heartbeats said."""
+        return max((len(set(link.member.peers)) for link, _ in self.links.values()), default=1)
+
     def link(self, name: str) -> PoolLink:
         return self.links[name][0]
 
