@@ -55,7 +55,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from gateway.balancer import Balancer, Outcome, Pool, Ticket, Worker
 from gateway.causes import Cause
@@ -583,6 +583,7 @@ class PoolLink:
         self._heartbeat = client.register_script(HEARTBEAT_LUA)
         self._leave = client.register_script(LEAVE_LUA)
         self._lost_at: float | None = None
+        self._blmpop = True  # until the server says it has no BLMPOP
         self.observer.role(pool.name, "alone")
 
     # -- heartbeat and roles ------------------------------------------------------------
@@ -687,18 +688,17 @@ class PoolLink:
                 continue
             key = self.keys.inbox if role == "leader" else self.keys.to(self.me)
             try:
-                got = await self.blocking.blpop([key], timeout=BLOCK_S)
-                if not got:
-                    continue
-                more = await self.client.lpop(key, BATCH) or []
+                raw = await self._pop(key)
             except REDIS_ERRORS as exc:
                 _reraise_cancel()
                 self.lost(exc)
                 continue
-            if self.member.role != role:
-                await self._unread(key, role, [got[1], *more])
+            if not raw:
                 continue
-            messages = [json.loads(raw) for raw in (got[1], *more)]
+            if self.member.role != role:
+                await self._unread(key, role, raw)
+                continue
+            messages = [json.loads(one) for one in raw]
             if role == "leader":
                 self.member.dispatcher.handle(messages)
                 continue
@@ -706,6 +706,21 @@ class PoolLink:
                 self.member.received(msg)
             if any(m.get("ep") != self.member.epoch for m in messages):
                 await self.beat()  # a new dispatcher: learn its epoch now, not at the next beat
+
+    async def _pop(self, key: str) -> list[Any]:
+        """Up to BATCH messages, waiting up to BLOCK_S for the first: one round trip
+        with BLMPOP (Redis 7), else BLPOP and then LPOP for the rest."""
+        if self._blmpop:
+            try:
+                got = await self.blocking.blmpop(BLOCK_S, 1, key, direction="LEFT", count=BATCH)
+            except ResponseError:  # an older Redis: no BLMPOP
+                self._blmpop = False
+            else:
+                return list(got[1]) if got else []
+        first = await self.blocking.blpop([key], timeout=BLOCK_S)
+        if not first:
+            return []
+        return [first[1], *(await self.client.lpop(key, BATCH) or [])]
 
     async def _unread(self, key: str, role: Role, raw: list[Any]) -> None:
         """Messages read for a role left meanwhile: the inbox's go back to its head for
