@@ -5,7 +5,9 @@ its state and hand slots to waiting tickets by calling each ticket's `notify`; t
 never sleep and read the time only from the injected `clock`. `Attempt` (from
 `Pool.attempt()`) is the thin async layer the pipeline's forward step uses: queue
 waits, the deadline, retries. bench/balance.py drives the same core from a
-discrete-event simulation on a virtual clock. Nothing here knows HTTP.
+discrete-event simulation on a virtual clock. Nothing here knows HTTP. With several
+gateway processes on one Redis, `Pool.relay` (gateway.coordination) sends this
+process's tries to the pool's elected dispatcher, whose core serves everyone's.
 
 Choice. Waiting tickets (one try of one request each) are served in FIFO order. For
 each, among in-service workers with a free slot that it has not tried yet:

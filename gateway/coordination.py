@@ -71,7 +71,10 @@ Message = dict[str, Any]
 Op = tuple[Any, ...]
 Slots = Mapping[str, Mapping[str, Message]]  # process -> try id -> {"w": url, "f": fields}
 
-REDIS_ERRORS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
+# Every way a Redis call fails: redis-py's errors (RedisClusterException is not a
+# RedisError), OSError and timeouts, and RuntimeError, which uvloop raises for a write
+# on a connection a Redis restart closed under redis-py's feet.
+REDIS_ERRORS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError, RuntimeError)
 BLOCK_S = 0.5  # a blocking read's longest wait: how soon a reader sees a role change
 BATCH = 256  # messages read at once after a blocking read
 
@@ -781,13 +784,15 @@ def _reraise_cancel() -> None:
         raise asyncio.CancelledError
 
 
-async def _logged(job: Coroutine[Any, Any, None], pool: str) -> None:
-    """A link's task: a bug in it is logged, never lost with the task."""
-    try:
-        await job
-    except Exception:
-        log.exception("coordination of pool %r stopped by a bug", pool)
-        raise
+async def _logged(job: Callable[[], Coroutine[Any, Any, None]], pool: str) -> None:
+    """A link's task: a bug in it is logged and the loop starts again, so that nothing
+    stops a process's coordination for good."""
+    while True:
+        try:
+            await job()
+        except Exception:
+            log.exception("coordination of pool %r: a bug; its loop starts again", pool)
+            await asyncio.sleep(0.1)
 
 
 def _text(value: Any) -> str:
@@ -851,8 +856,8 @@ class Coordination:
             observer=self.observer,
         )
         tasks = [
-            asyncio.create_task(_logged(link.read(), pool.name)),
-            asyncio.create_task(_logged(link.write(), pool.name)),
+            asyncio.create_task(_logged(link.read, pool.name)),
+            asyncio.create_task(_logged(link.write, pool.name)),
         ]
         self.links[pool.name] = (link, tasks)
 
