@@ -50,6 +50,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gateway.balancer import Balancer, Pool, Ticket, Worker
+from gateway.coordination import MemoryHub
 from gateway.registry import PoolSpec, Registry
 
 SLOTS = (1, 2, 2, 4)
@@ -292,6 +293,213 @@ def run_pool(
         sim.at(PROBE_S, look)
     sim.run()
     return PoolRun(workers, pool, beyond)
+
+
+# -- replicas: several gateway processes on the same workers (issue 12) -------------------
+
+REPLICAS = (1, 2, 4, 8)
+REPLICA_RHOS = (0.5, 0.8)
+REPLICA_SEEDS = (1, 2, 3)
+REDIS_HOP_S = 0.0002  # one message through Redis: a round trip on a LAN, or more
+
+
+def replica_pools(replicas: int, registry: Registry, sim: Sim, seed: int) -> list[Pool]:
+    """One real Pool per gateway process, on the simulation's clock."""
+    return [
+        Balancer(registry, clock=lambda: sim.now, rng=random.Random(seed * 100 + r)).pool("gpu")
+        for r in range(replicas)
+    ]
+
+
+def run_uncoordinated(
+    jobs: Sequence[Job], registry: Registry, seed: int, replicas: int
+) -> tuple[list[Gpu], int]:
+    """Today: each process's Pool believes it owns every worker's slots; arrivals go to
+    the processes in turn. What a worker gets beyond its real slots waits inside it, in
+    FIFO order, where no gateway can re-route it. Also returns the most that waited
+    inside one worker at once."""
+    sim, workers = Sim(), gpus()
+    pools = replica_pools(replicas, registry, sim, seed)
+    gpu_of = {w: gpu for pool in pools for w, gpu in zip(pool.workers, workers, strict=True)}
+    peak = 0
+
+    def start(pool: Pool, ticket: Ticket, job: Job) -> None:
+        gpu = gpu_of[ticket.worker]  # type: ignore[index]
+        gpu.running += 1
+        job.started = sim.now
+        sim.at(sim.now + gpu.duration(job), lambda: finish(pool, ticket, job, gpu))
+
+    def finish(pool: Pool, ticket: Ticket, job: Job, gpu: Gpu) -> None:
+        job.done, gpu.running = sim.now, gpu.running - 1
+        pool.release(ticket, "ok")
+        if gpu.backlog:
+            start(*gpu.backlog.popleft())  # type: ignore[misc]
+        wake_later(pool)
+
+    def arrive(i: int, job: Job) -> None:
+        nonlocal peak
+        pool = pools[i % replicas]
+
+        def granted(ticket: Ticket) -> None:
+            nonlocal peak
+            gpu = gpu_of[ticket.worker]  # type: ignore[index]
+            if gpu.running < gpu.slots:
+                start(pool, ticket, job)
+            else:
+                gpu.backlog.append((pool, ticket, job))  # type: ignore[arg-type]
+                peak = max(peak, len(gpu.backlog))
+
+        pool.submit(Ticket(job.adapter, granted))
+        wake_later(pool)
+
+    wake_later = _waker(sim)
+    for i, job in enumerate(jobs):
+        sim.at(job.arrived, lambda i=i, job=job: arrive(i, job))  # type: ignore[misc]
+    sim.run()
+    return workers, peak
+
+
+def run_coordinated(
+    jobs: Sequence[Job], registry: Registry, seed: int, replicas: int, hop_s: float
+) -> tuple[list[Gpu], int]:
+    """gateway.coordination: the same Pools, one elected dispatcher (the first) serving
+    every process's tries through an in-memory hub whose every message takes `hop_s`.
+    Returns the workers and the most that ever waited inside one (0: never overcommitted)."""
+    sim, workers = Sim(), gpus()
+    pools = replica_pools(replicas, registry, sim, seed)
+    hub = MemoryHub(deliver=lambda act: sim.at(sim.now + hop_s, lambda: settled(act)))
+    members = [hub.join(pool, f"r{r}") for r, pool in enumerate(pools)]
+    hub.elect("r0")
+    leader = members[0].pool
+    gpu_of = {w: gpu for pool in pools for w, gpu in zip(pool.workers, workers, strict=True)}
+    peak = 0
+
+    def settled(action: Callable[[], None]) -> None:
+        action()
+        wake_later(leader)
+
+    def arrive(i: int, job: Job) -> None:
+        pool = pools[i % replicas]
+
+        def granted(ticket: Ticket) -> None:
+            nonlocal peak
+            gpu = gpu_of[ticket.worker]  # type: ignore[index]
+            gpu.running += 1
+            peak = max(peak, gpu.running - gpu.slots)
+            job.started = sim.now
+            sim.at(sim.now + gpu.duration(job), lambda: finish(ticket, gpu))
+
+        def finish(ticket: Ticket, gpu: Gpu) -> None:
+            job.done, gpu.running = sim.now, gpu.running - 1
+            pool.release(ticket, "ok")
+            wake_later(leader)
+
+        pool.submit(Ticket(job.adapter, granted))
+        wake_later(leader)
+
+    wake_later = _waker(sim)
+    for i, job in enumerate(jobs):
+        sim.at(job.arrived, lambda i=i, job=job: arrive(i, job))  # type: ignore[misc]
+    sim.run()
+    return workers, peak
+
+
+def _waker(sim: Sim) -> Callable[[Pool], None]:
+    """A pool's waiter whose affinity allowance runs out is an event too."""
+    wakeups: set[tuple[int, float]] = set()
+
+    def wake_later(pool: Pool) -> None:
+        when = pool.next_wakeup()
+        if when is not None and (id(pool), when) not in wakeups:
+            wakeups.add((id(pool), when))
+            sim.at(when, lambda: wake(pool, when))
+
+    def wake(pool: Pool, when: float) -> None:
+        wakeups.discard((id(pool), when))
+        pool.dispatch()
+        wake_later(pool)
+
+    return wake_later
+
+
+@dataclass
+class ReplicaRow:
+    rho: float
+    replicas: int
+    mode: str  # "uncoordinated" | "coordinated"
+    result: Result
+    worker_queue_peak: int
+
+
+def run_replicas(
+    mode: str, rho: float, replicas: int, duration_s: float, seeds: Sequence[int], hop_s: float
+) -> ReplicaRow:
+    """One mode at one load and replica count, over several seeds measured as one."""
+    registry = balancer_registry(BALANCER)
+    jobs: list[Job] = []
+    workers: list[Gpu] = []
+    peak = 0
+    for seed in seeds:
+        more = workload(rho, duration_s, seed)
+        if mode == "coordinated":
+            gpus_, worst = run_coordinated(more, registry, seed, replicas, hop_s)
+        else:
+            gpus_, worst = run_uncoordinated(more, registry, seed, replicas)
+        jobs, workers, peak = jobs + more, workers + gpus_, max(peak, worst)
+    result = measure(f"{mode}, R={replicas}", rho, jobs, workers, duration_s)
+    result = replace(result, throughput=result.throughput / len(seeds))
+    return ReplicaRow(rho, replicas, mode, result, peak)
+
+
+def replica_table(rows: Sequence[ReplicaRow]) -> Iterator[str]:
+    base = {r.rho: r.result.p99_s for r in rows if r.replicas == 1 and r.mode == "uncoordinated"}
+    yield "| rho | replicas | coordination | p50 s | p99 s | p99 / R=1 | worker queue peak |"
+    yield "|---|---:|---|---:|---:|---:|---:|"
+    for r in rows:
+        res = r.result
+        yield (
+            f"| {r.rho} | {r.replicas} | {r.mode} | {res.p50_s:.2f} | {res.p99_s:.2f} "
+            f"| {res.p99_s / base[r.rho]:.2f}x | {r.worker_queue_peak} |"
+        )
+
+
+def replica_targets(rows: Sequence[ReplicaRow]) -> Iterator[str]:
+    def ratio(replicas: int, mode: str) -> float:
+        row = next(r for r in rows if (r.rho, r.replicas, r.mode) == (0.8, replicas, mode))
+        one = next(r for r in rows if (r.rho, r.replicas, r.mode) == (0.8, 1, "uncoordinated"))
+        return row.result.p99_s / one.result.p99_s
+
+    for replicas, limit in ((8, 1.10), (4, 1.08)):
+        got = ratio(replicas, "coordinated")
+        verdict = "met" if got <= limit else "NOT MET"
+        contrast = ratio(replicas, "uncoordinated")
+        yield (
+            f"{verdict}: rho 0.8, R={replicas}: coordinated p99 / R=1 <= {limit}: {got:.2f} "
+            f"(uncoordinated: {contrast:.2f})"
+        )
+    overcommitted = [r for r in rows if r.mode == "coordinated" and r.worker_queue_peak]
+    yield (
+        f"{'NOT MET' if overcommitted else 'met'}: coordinated rows never send a worker "
+        "more than its slots (worker queue peak 0)"
+    )
+
+
+def replicas_main(duration_s: float, hop_s: float) -> int:
+    started = time.perf_counter()
+    rows = [
+        run_replicas(mode, rho, replicas, duration_s, REPLICA_SEEDS, hop_s)
+        for rho in REPLICA_RHOS
+        for replicas in REPLICAS
+        for mode in ("uncoordinated", "coordinated")
+    ]
+    print("\n".join(replica_table(rows)))
+    print()
+    print("\n".join(replica_targets(rows)))
+    print(
+        f"\n({duration_s:.0f} virtual s per run, seeds {REPLICA_SEEDS}, Redis hop "
+        f"{hop_s * 1000:g} ms a message, {time.perf_counter() - started:.1f} s of real time)"
+    )
+    return 0
 
 
 # -- measuring ------------------------------------------------------------------------
@@ -662,7 +870,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--placement", action="store_true", help="issue 13's report instead (seeds 1-3)"
     )
     parser.add_argument("--jobs", type=int, default=2, help="processes for --placement")
+    parser.add_argument(
+        "--replicas",
+        action="store_true",
+        help="gateway processes R = 1, 2, 4, 8 on the same workers, coordinated or not",
+    )
+    parser.add_argument("--redis-hop-ms", type=float, default=REDIS_HOP_S * 1000)
     args = parser.parse_args(argv)
+    if args.replicas:
+        return replicas_main(args.duration, args.redis_hop_ms / 1000)
     started = time.perf_counter()
     if args.placement:
         placement_report(args.duration, SEEDS, args.jobs)

@@ -107,6 +107,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--yardstick", action="store_true", help="against nginx (issue 14)")
     parser.add_argument("--processes", type=int, default=1, help="--yardstick: per server")
     parser.add_argument("--profile", type=Path, help="--yardstick: py-spy SVGs into this dir")
+    parser.add_argument(
+        "--coordination",
+        action="store_true",
+        help="also a gateway coordinated through a local redis-server, as a follower",
+    )
     args = parser.parse_args(argv)
     if args.yardstick:
         from bench.yardstick import run_yardstick  # it imports this module
@@ -127,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     with (
         tempfile.TemporaryDirectory() as tmp,
         servers(args.upstream, args.size, Path(tmp), auth=args.auth, baseline=args.baseline) as t,
+        coordinated(t, Path(tmp), enabled=args.coordination),
     ):
         runs: dict[tuple[str, int], list[Result]] = {}
         for round_ in range(args.rounds):
@@ -422,7 +428,47 @@ def report(results: dict[tuple[str, int], Result], args: argparse.Namespace) -> 
             f"p50 at c=1 {g1.p50_ms - b1.p50_ms:+.2f} ms; "
             f"CPU per request at c=16 {_us(g16.cpu_us)} vs {_us(b16.cpu_us)}"
         )
+    if ("coordinated", 16) in results:
+        c1, c16 = results["coordinated", 1], results["coordinated", 16]
+        print(
+            f"coordinated (a follower: each try through Redis)/gateway: throughput at c=16 "
+            f"{c16.rps / g16.rps:.2f}x; added p50 at c=1 {c1.p50_ms - g1.p50_ms:+.2f} ms, "
+            f"at c=16 {c16.p50_ms - g16.p50_ms:+.2f} ms; CPU per request at c=16 "
+            f"{_us(c16.cpu_us)} vs {_us(g16.cpu_us)}"
+        )
     report_check(image_response(args.size))
+
+
+@contextmanager
+def coordinated(targets: dict[str, Target], tmp: Path, *, enabled: bool) -> Iterator[None]:
+    """`--coordination`: a redis-server, a first gateway that wins the pool's election
+    (idle), then the measured one, which follows: every try it makes goes to the
+    dispatcher through Redis and back, the cost a replica pays."""
+    if not enabled:
+        yield
+        return
+    redis_port = _free_port()
+    config = tmp / "coordinated.yaml"
+    text = (tmp / "adapters.yaml").read_text()
+    config.write_text(text + f"coordination: {{url: 'redis://127.0.0.1:{redis_port}'}}\n")
+    cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
+    cmd += ["--log-level", "warning"]
+    cores = os.cpu_count() or 1
+    gateway_cpu = ["taskset", "-c", "0"] if cores >= 2 and shutil.which("taskset") else []
+    redis = ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1"]
+    procs = [subprocess.Popen([*redis, "--save", "", "--appendonly", "no"])]
+    try:
+        for name in ("leader", "coordinated"):  # the first to heartbeat leads
+            port = _free_port()
+            procs.append(subprocess.Popen([*gateway_cpu, *cmd, "--port", str(port)]))
+            target = Target(f"http://127.0.0.1:{port}", procs[-1].pid)
+            wait_healthy(target.url, proc=procs[-1], path="/healthz")
+            if name == "coordinated":
+                targets[name] = target
+        yield
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
 
 
 def _us(value: float | None) -> str:

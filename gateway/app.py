@@ -17,16 +17,17 @@ from gateway.auth import log_auth_mode
 from gateway.balancer import Balancer, Clock
 from gateway.cache import open_cache
 from gateway.coalesce import Coalescer
+from gateway.coordination import open_coordination
 from gateway.discovery import Discovery, Resolver, resolve_dns
 from gateway.drain import Drain
 from gateway.errors import EXCEPTION_HANDLERS
-from gateway.metrics import CacheMetrics, Metrics
+from gateway.metrics import CacheMetrics, CoordinationMetrics, Metrics
 from gateway.middleware import GatewayMiddleware
 from gateway.openapi import openapi_json
 from gateway.pipeline import Pipeline
 from gateway.prober import Prober
 from gateway.protocols import open_worker_session
-from gateway.ratelimit import KeyLimits, open_rate_limiter, redis_for
+from gateway.ratelimit import open_key_limits, redis_for
 from gateway.registry import Registry, load_registry
 from gateway.reload import RegistryFile, Reloader
 from gateway.routes import ROUTES, generate_image
@@ -65,12 +66,19 @@ def create_app(
         # with: a reload that changes the cache section applies at the next restart.
         cache_observer = CacheMetrics(metrics)
         limiter_url, limiter_timeout_s = redis_for(registry)
+        balancer = Balancer(registry, clock=clock)
+        coordination_observer = CoordinationMetrics(metrics)
         async with (
             open_worker_session(slots=registry.worker_slots) as session,
-            open_rate_limiter(limiter_url, timeout_s=limiter_timeout_s) as rate_limiter,
+            open_coordination(registry, balancer, observer=coordination_observer) as coordination,
+            open_key_limits(
+                limiter_url,
+                timeout_s=limiter_timeout_s,
+                lease_s=registry.coordination.lease_s,
+                replicas=coordination.replicas if coordination is not None else lambda: 1,
+            ) as key_limits,
             open_cache(registry.cache, observer=cache_observer) as cache,
         ):
-            balancer = Balancer(registry, clock=clock)
             discovery = Discovery(balancer=balancer, resolver=resolver, clock=clock)
             await discovery.refresh_due()  # DNS pools start with their workers, if any
             prober = Prober(balancer=balancer, session=session, clock=clock)
@@ -85,7 +93,7 @@ def create_app(
             reloader = _reloader(source, pipeline, metrics)
             state.served = Served(
                 pipeline=pipeline,
-                key_limits=KeyLimits(rate=rate_limiter),
+                key_limits=key_limits,
                 reloader=reloader,
                 openapi=(registry.digest, openapi_json(registry)),
             )
@@ -94,6 +102,11 @@ def create_app(
             jobs = [prober.run(), discovery.run(), _sync_metrics(metrics, pipeline)]
             if reloader is not None:
                 jobs.append(reloader.watch(every_s=reload_every_s))
+            if coordination is not None:
+                await coordination.beat()  # joined (or alone) before the first request
+                jobs.append(coordination.run())
+            if key_limits.shared is not None:
+                jobs.append(key_limits.shared.renew())
             async with _background(*jobs), _signals(reloader, state.drain, enabled=signals):
                 # Start-up objects live for the process: keep them out of every GC pass.
                 gc.freeze()

@@ -5,7 +5,9 @@ its state and hand slots to waiting tickets by calling each ticket's `notify`; t
 never sleep and read the time only from the injected `clock`. `Attempt` (from
 `Pool.attempt()`) is the thin async layer the pipeline's forward step uses: queue
 waits, the deadline, retries. bench/balance.py drives the same core from a
-discrete-event simulation on a virtual clock. Nothing here knows HTTP.
+discrete-event simulation on a virtual clock. Nothing here knows HTTP. With several
+gateway processes on one Redis, `Pool.relay` (gateway.coordination) sends this
+process's tries to the pool's elected dispatcher, whose core serves everyone's.
 
 Choice. Waiting tickets (one try of one request each) are served in the order of
 the pool's `FairQueue` (gateway/fairness.py: fair shares of GPU time between teams,
@@ -72,7 +74,7 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 from gateway.causes import Cause, Stage
 from gateway.errors import Overloaded, RequestError, UpstreamError
@@ -150,6 +152,9 @@ class Worker:
     health: WorkerHealth
     warm_size: int
     in_flight: int = 0
+    # Slots this process may use, when not max_concurrency: its share while the
+    # replicas' coordination is cut off from Redis (gateway.coordination).
+    capacity: int | None = None
     service_s: float | None = None  # running estimate of one successful try
     warm: OrderedDict[str, None] = field(default_factory=OrderedDict)
     running: set[Ticket] = field(default_factory=set)
@@ -167,12 +172,16 @@ class Worker:
         return self.spec.url
 
     @property
+    def slots(self) -> int:
+        return self.spec.max_concurrency if self.capacity is None else self.capacity
+
+    @property
     def load(self) -> float:
-        return self.in_flight / self.spec.max_concurrency
+        return self.in_flight / max(1, self.slots)
 
     @property
     def free_slots(self) -> int:
-        return max(0, self.spec.max_concurrency - self.in_flight)
+        return max(0, self.slots - self.in_flight)
 
     @property
     def in_service(self) -> bool:
@@ -191,6 +200,17 @@ class Worker:
         while len(self.warm) > self.warm_size:
             self.warm.popitem(last=False)
         return cold
+
+
+class Relay(Protocol):
+    """Where a pool's own tries go when several gateway processes share its workers
+    (gateway.coordination): `takes` says which tickets are the relay's (the process's
+    own tries) rather than the core's (tickets the relay itself feeds to the core)."""
+
+    def takes(self, ticket: Ticket) -> bool: ...
+    def submit(self, ticket: Ticket) -> None: ...
+    def withdraw(self, ticket: Ticket) -> None: ...
+    def release(self, ticket: Ticket, outcome: Outcome) -> None: ...
 
 
 class _Defer:
@@ -223,6 +243,7 @@ class Pool:
         self.popularity = Popularity(spec.placement_half_life_s)
         self.placed: dict[str, frozenset[Worker]] = {}  # adapter -> workers it should be on
         self._planned_at = -math.inf
+        self.relay: Relay | None = None  # set while coordinated with other processes
         self.set_workers(spec.workers)
 
     # -- configuration --------------------------------------------------------------
@@ -269,6 +290,8 @@ class Pool:
         """Queue `ticket` and serve the queue; it may be granted before this returns.
         Raises Overloaded when the queue is full, UpstreamError (NO_WORKER) when no worker it
         may use is in service."""
+        if self.relay is not None and self.relay.takes(ticket):
+            return self.relay.submit(ticket)
         if not self.can_serve(ticket.exclude):
             raise no_healthy_worker(self.name)
         ticket.queued_at = self.clock()
@@ -296,6 +319,8 @@ class Pool:
     def withdraw(self, ticket: Ticket) -> None:
         """The request behind `ticket` gave up (client gone, wait over): out of the
         queue, or its slot given back unused."""
+        if self.relay is not None and self.relay.takes(ticket):
+            return self.relay.withdraw(ticket)
         if ticket.worker is not None:
             self.release(ticket, "cancelled")
         elif ticket in self.queue:
@@ -303,6 +328,8 @@ class Pool:
 
     def release(self, ticket: Ticket, outcome: Outcome) -> None:
         """The try is over: free its slot, learn from it, serve the queue. Idempotent."""
+        if self.relay is not None and self.relay.takes(ticket):
+            return self.relay.release(ticket, outcome)
         worker = ticket.worker
         if worker is None or ticket not in worker.running:
             return
@@ -312,6 +339,13 @@ class Pool:
         self.queue.finished(ticket, took, ok=outcome == "ok")  # the team's actual charge
         self._learn(worker, outcome, took)
         self.dispatch()
+
+    def hold(self, ticket: Ticket, worker: Worker) -> None:
+        """`ticket` already holds a slot of `worker`, granted elsewhere (by a dispatcher
+        before a takeover, or while Redis was away): count it, even past capacity."""
+        ticket.worker, ticket.granted_at = worker, self.clock()
+        worker.in_flight += 1
+        worker.running.add(ticket)
 
     def probed(self, worker: Worker, ok: bool) -> None:
         """An active probe's result (from `gateway.prober.Prober`)."""

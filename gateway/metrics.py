@@ -284,6 +284,22 @@ class Metrics:
             multiprocess_mode="livemax",
         )
 
+        self.coordination_role = Gauge(
+            "gateway_coordination_role",
+            "1 for the role this process has in its pool's coordination: leader (its "
+            "queue and in-flight gauges are the pool's, for every process), follower "
+            "(they read 0), alone (Redis unreachable: its own share).",
+            ["pool", "role"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.coordination_fallbacks = Counter(
+            "gateway_coordination_fallbacks",
+            "Times a process lost Redis and served alone on its share of the slots.",
+            ["pool"],
+            registry=r,
+        )
+
     def child(self, metric: M, *labels: str) -> M:
         """`metric.labels(*labels)`, looked up once: prometheus-client's `labels()`
         costs a few microseconds a call (a lock, a tuple of str() calls), and the hot
@@ -412,3 +428,20 @@ class CacheMetrics:
 
     def coalesced(self, scope: str) -> None:
         self._m.child(self._m.coalesced, scope).inc()
+
+
+COORDINATION_ROLES = ("leader", "follower", "alone")
+
+
+class CoordinationMetrics:
+    """gateway.coordination's observer: the role gauge and the fallback counter."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def role(self, pool: str, role: str) -> None:
+        for name in COORDINATION_ROLES:
+            self.metrics.coordination_role.labels(pool, name).set(1 if name == role else 0)
+
+    def fallback(self, pool: str) -> None:
+        self.metrics.coordination_fallbacks.labels(pool).inc()

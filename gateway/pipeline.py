@@ -62,6 +62,8 @@ class Pipeline:
         """A reload: requests in flight finish on the registry they started with."""
         if registry.cache != self.registry.cache:
             log.warning("the cache section changed: it applies at the next restart")
+        if registry.coordination != self.registry.coordination:
+            log.warning("the coordination section changed: it applies at the next restart")
         self.balancer.update(registry)
         self.registry = registry
 

@@ -9,16 +9,25 @@ clock of Redis itself, so replicas with skewed clocks still agree. Without Redis
 or while it is unreachable, the same algorithm runs in this process (per-process
 limits, said once in the log): a Redis outage never refuses a request by itself.
 
-Requests in flight (`max_concurrent`) are counted in this process.
+Requests in flight (`max_concurrent`): with Redis, counted across replicas in a
+sorted set per key whose members are leases (one per request, scored by its expiry on
+Redis's clock, renewed by its process every lease_s / 3), so a crashed process's count
+drops within the lease; while Redis is away each process counts its own against its
+share of the limit (the limit over the live processes, rounded up, at least 1).
+Without Redis they are counted in this process.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
 import math
+import os
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Protocol
 
 from redis.asyncio import Redis
@@ -52,6 +61,28 @@ return 0
 """
 
 KEY_PREFIX = "gateway:ratelimit:"
+
+# KEYS[1]: the key's leases (member -> expiry in ms of Redis's clock). ARGV: the new
+# lease's member, the lease in ms, the limit. 1: taken; 0: the limit is reached.
+TAKE_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+return 1
+"""
+# Renew this process's leases of one key. KEYS[1]: the key's leases; ARGV[1]: the lease
+# in ms, then the members. XX: a lease already given back is not brought back.
+RENEW_LUA = """
+local t = redis.call('TIME')
+local until_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', until_ms, ARGV[i]) end
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]))
+return 0
+"""
+IN_FLIGHT_PREFIX = "gateway:inflight:"
 
 
 class RateLimiter(Protocol):
@@ -96,6 +127,7 @@ class RedisRateLimiter:
         retry_s: float = 5.0,
         clock: Clock = time.monotonic,
     ) -> None:
+        self.client = client
         self._script = client.register_script(GCRA_LUA)
         self._fallback = fallback
         self._retry_s = retry_s
@@ -127,20 +159,106 @@ class RedisRateLimiter:
         self._retry_at = self._clock() + self._retry_s
 
 
+class SharedInFlight:
+    """`max_concurrent` counted across replicas in Redis, as leases; per process, on
+    its share of the limit, while Redis is away (logged once, retried after `retry_s`).
+    `replicas()`: how many processes share the limit (the coordination's last count)."""
+
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        lease_s: float = 10.0,
+        replicas: Callable[[], int] = lambda: 1,
+        retry_s: float = 5.0,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self._take = client.register_script(TAKE_LUA)
+        self._renew = client.register_script(RENEW_LUA)
+        self._client = client
+        self.lease_ms = max(1, round(lease_s * 1000))
+        self.replicas = replicas
+        self._retry_s, self._clock = retry_s, clock
+        self._retry_at: float | None = None
+        self._me = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self._seq = itertools.count()
+        self.held: dict[str, set[str]] = {}  # key name -> this process's leases in Redis
+
+    @property
+    def away(self) -> bool:
+        return self._retry_at is not None and self._clock() < self._retry_at
+
+    def local_limit(self, limit: int) -> int:
+        return max(1, math.ceil(limit / max(1, self.replicas())))
+
+    async def take(self, name: str, limit: int) -> str | bool | None:
+        """A lease id when taken in Redis; False when the limit is reached; None when
+        Redis is away (the caller counts locally, on `local_limit`)."""
+        if self.away:
+            return None
+        member = f"{self._me}:{next(self._seq)}"
+        try:
+            args: list[str | int] = [member, self.lease_ms, limit]
+            taken = await self._take(keys=[IN_FLIGHT_PREFIX + name], args=args)
+        except (RedisError, OSError) as exc:
+            self._went_away(exc)
+            return None
+        self._back()
+        if not int(taken):
+            return False
+        self.held.setdefault(name, set()).add(member)
+        return member
+
+    async def give_back(self, name: str, member: str) -> None:
+        leases = self.held.get(name, set())
+        leases.discard(member)
+        if not leases:
+            self.held.pop(name, None)
+        try:
+            await self._client.zrem(IN_FLIGHT_PREFIX + name, member)
+        except (RedisError, OSError) as exc:
+            self._went_away(exc)  # the lease lapses by itself
+
+    async def renew(self) -> None:
+        """Every lease_s / 3, for the app's lifespan: this process's leases stay."""
+        while True:
+            await asyncio.sleep(self.lease_ms / 3000)
+            for name, members in list(self.held.items()):
+                with suppress(RedisError, OSError):
+                    await self._renew(
+                        keys=[IN_FLIGHT_PREFIX + name], args=[self.lease_ms, *members]
+                    )
+
+    def _went_away(self, exc: BaseException) -> None:
+        if self._retry_at is None:
+            log.warning(
+                "max_concurrent: Redis unreachable (%s); each process counts its own "
+                "against its share of each limit until it is back",
+                type(exc).__name__,
+            )
+        self._retry_at = self._clock() + self._retry_s
+
+    def _back(self) -> None:
+        if self._retry_at is not None:
+            self._retry_at = None
+            log.warning("max_concurrent: Redis is back; limits are shared by all replicas again")
+
+
 class KeyLimits:
     """Admits one request under a key, or raises RateLimited (429, Retry-After)."""
 
-    def __init__(self, *, rate: RateLimiter) -> None:
+    def __init__(self, *, rate: RateLimiter, shared: SharedInFlight | None = None) -> None:
         self.rate = rate
+        self.shared = shared
         self._in_flight: dict[str, int] = {}
 
     def admit(self, key: KeySpec) -> Admission:
         """`async with limits.admit(key):` around the request's work."""
         return Admission(self, key)
 
-    async def _enter(self, key: KeySpec) -> bool:
+    async def _enter(self, key: KeySpec) -> bool | str:
         # The in-flight cap is checked first: a request it refuses costs no rate token.
-        held = self._take_slot(key)
+        held = await self._take_shared(key) if self.shared is not None else self._take_slot(key)
         try:
             if key.rate is not None:
                 wait = await self.rate.wait_s(key.name, key.rate)
@@ -150,9 +268,30 @@ class KeyLimits:
                     raise RateLimited(msg, retry_after_s=math.ceil(wait))
         except BaseException:
             if held:
-                self._release_slot(key.name)
+                await self._release(key.name, held)
             raise
         return held
+
+    async def _take_shared(self, key: KeySpec) -> bool | str:
+        assert self.shared is not None
+        if key.max_concurrent is None:
+            return False
+        taken = await self.shared.take(key.name, key.max_concurrent)
+        if taken is None:  # Redis away: this process's share of the limit
+            limit = self.shared.local_limit(key.max_concurrent)
+            return self._take_slot(key.model_copy(update={"max_concurrent": limit}))
+        if taken is False:
+            count = key.max_concurrent
+            msg = f"key {key.name!r} already has {count} requests in flight (max_concurrent)"
+            raise RateLimited(msg, retry_after_s=1)
+        return taken
+
+    async def _release(self, name: str, held: bool | str) -> None:
+        if isinstance(held, str):
+            assert self.shared is not None
+            await self.shared.give_back(name, held)
+        elif held:
+            self._release_slot(name)
 
     def _take_slot(self, key: KeySpec) -> bool:
         if key.max_concurrent is None:
@@ -180,14 +319,15 @@ class Admission:
     __slots__ = ("_held", "_key", "_limits")
 
     def __init__(self, limits: KeyLimits, key: KeySpec) -> None:
-        self._limits, self._key, self._held = limits, key, False
+        self._limits, self._key = limits, key
+        self._held: bool | str = False  # a lease id: held in Redis
 
     async def __aenter__(self) -> None:
         self._held = await self._limits._enter(self._key)
 
     async def __aexit__(self, *exc_info: object) -> None:
         if self._held:
-            self._limits._release_slot(self._key.name)
+            await self._limits._release(self._key.name, self._held)
 
 
 def redis_for(registry: Registry) -> tuple[str | None, float]:
@@ -222,3 +362,21 @@ async def open_rate_limiter(
         yield RedisRateLimiter(client, fallback=memory)
     finally:
         await client.aclose()
+
+
+@asynccontextmanager
+async def open_key_limits(
+    redis_url: str | None,
+    *,
+    timeout_s: float = 0.25,
+    lease_s: float = 10.0,
+    replicas: Callable[[], int] = lambda: 1,
+) -> AsyncIterator[KeyLimits]:
+    """The process's per-key limits: rates and `max_concurrent` shared through Redis
+    when a URL is given (`replicas`: how many processes share them while Redis is
+    away), else counted in this process."""
+    async with open_rate_limiter(redis_url, timeout_s=timeout_s) as rate:
+        shared = None
+        if isinstance(rate, RedisRateLimiter):
+            shared = SharedInFlight(rate.client, lease_s=lease_s, replicas=replicas)
+        yield KeyLimits(rate=rate, shared=shared)

@@ -656,10 +656,31 @@ class CacheSpec(_Frozen):
         return self
 
 
+class CoordinationSpec(_Frozen):
+    """Several gateway processes sharing the pools' workers through Redis
+    (gateway.coordination): one dispatcher per pool, elected. On when a Redis URL is
+    set here or for the cache (or GATEWAY_REDIS_URL) and `enabled`; read at start."""
+
+    enabled: bool = True
+    url: Annotated[str, AfterValidator(_redis_url)] | None = Field(None, repr=False)  # a secret
+    cluster: bool | None = None  # None: as the cache's `cluster` when `url` is the cache's
+    # How long a silent process keeps its slots and a silent dispatcher its election:
+    # a crashed process's slots come back within this; heartbeats run every third of it.
+    lease_s: Annotated[float, Field(ge=0.3, le=600)] = 10.0
+    timeout_ms: Millis = 500.0  # each Redis call; past it the process runs alone
+
+    @model_validator(mode="after")
+    def _cluster_over_tcp(self) -> CoordinationSpec:
+        if self.cluster and self.url is not None and self.url.startswith("unix:"):
+            raise ValueError("cluster: true needs a redis:// or rediss:// url")
+        return self
+
+
 class Registry(_Frozen):
     pools: Mapping[Name, PoolSpec]
     adapters: Annotated[tuple[AdapterSpec, ...], Field(min_length=1)]
     cache: CacheSpec = CacheSpec()
+    coordination: CoordinationSpec = CoordinationSpec()
     log_prompts: bool = False  # prompts in the access log: off, they may be private
     limits: LimitsSpec = LimitsSpec()
     auth: AuthSpec | None = None  # None: the gateway is open to every caller
@@ -716,6 +737,18 @@ class Registry(_Frozen):
     def team_label(self, team: str) -> str:
         """`team` as a metric label: one of `team_names`, else "other"."""
         return team if team in self.team_names else OTHER_TEAM
+
+    def coordination_redis(self) -> tuple[str, bool] | None:
+        """The Redis that replicas coordinate through (its URL, whether a cluster), or
+        None: coordination off (disabled, or no Redis anywhere in the registry)."""
+        spec = self.coordination
+        if not spec.enabled:
+            return None
+        if spec.url is not None:
+            return spec.url, bool(spec.cluster)
+        if self.cache.url is None:
+            return None
+        return self.cache.url, self.cache.cluster if spec.cluster is None else spec.cluster
 
     @cached_property
     def worker_slots(self) -> int:

@@ -7,9 +7,10 @@ processes through these same variables, so a flag and its variable are one setti
     GATEWAY_CONFIG            the registry file                        (--config)
     GATEWAY_DRAIN_GRACE_S     after SIGTERM: still serving this long    (--drain-grace-s)
     GATEWAY_RELOAD_EVERY_S    how often the registry file is polled    (--reload-every-s)
-    GATEWAY_REDIS_URL         the Redis of the result cache *and* of the per-key rate
-                              limits: replaces the file's `cache.url` and
-                              `auth.redis_url` (a URL with a password belongs in a
+    GATEWAY_REDIS_URL         the Redis of the result cache, of the per-key rate
+                              limits and of the replicas' coordination: replaces the
+                              file's `cache.url`, `auth.redis_url` and
+                              `coordination.url` (a URL with a password belongs in a
                               secret, not in the file)
     PROMETHEUS_MULTIPROC_DIR  prometheus-client's own: where several server processes
                               keep their metrics (`serve --processes N` sets it)
@@ -98,7 +99,12 @@ class Settings:
         auth = registry.auth
         if auth is not None:  # the same URL, already validated as the cache's
             auth = auth.model_copy(update={"redis_url": cache.url})
-        return registry.model_copy(update={"cache": cache, "auth": auth})
+        coordination = registry.coordination
+        if coordination.url is not None:  # its own URL given in the file: the same override
+            coordination = coordination.model_copy(update={"url": cache.url})
+        return registry.model_copy(
+            update={"cache": cache, "auth": auth, "coordination": coordination}
+        )
 
 
 def _seconds(env: Mapping[str, str], name: str, default: float) -> float:

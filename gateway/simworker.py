@@ -96,6 +96,16 @@ class SimStats:
     probes: int = 0  # status-route reads (A1111's progress), for probe tests
     queue_deletes: int = 0  # ComfyUI: waiting prompts taken out with POST /queue
     interrupts: int = 0  # ComfyUI: running prompts stopped with POST /interrupt
+    waiting: int = 0  # requests in here waiting for a GPU slot
+    max_waiting: int = 0
+
+    def report(self) -> dict[str, int]:
+        """What GET /stats leads with: proof that no worker was overcommitted."""
+        return {
+            "peak_concurrency": self.max_in_flight,  # most generations running at once
+            "served": self.generations,
+            "queued_peak": self.max_waiting,  # most requests waiting inside at once
+        }
 
 
 class SimWorker:
@@ -132,8 +142,17 @@ class SimWorker:
 
     async def draw(self, drawing: Drawing) -> bytes:
         """The picture's bytes, after the time a GPU would take."""
-        async with self._gpu:
+        stats, waits = self.stats, self._gpu.locked()  # every slot busy: it queues here
+        stats.waiting += waits
+        stats.max_waiting = max(stats.max_waiting, stats.waiting)
+        try:
+            await self._gpu.acquire()
+        finally:
+            stats.waiting -= waits
+        try:
             return await self.draw_held(drawing)
+        finally:
+            self._gpu.release()
 
     async def draw_held(self, drawing: Drawing) -> bytes:
         """`draw`, for a caller that already holds a slot of `gpu`."""
@@ -514,7 +533,11 @@ def create_sim_app(
         return JSONResponse({"status": "ok", "instance": instance})
 
     async def stats(request: Request) -> Response:
-        data: dict[str, Any] = {**vars(worker.stats), "loaded": worker.loaded_adapters()}
+        data: dict[str, Any] = {
+            **worker.stats.report(),
+            **vars(worker.stats),
+            "loaded": worker.loaded_adapters(),
+        }
         return JSONResponse(data)
 
     app = Starlette(

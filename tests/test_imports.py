@@ -73,9 +73,11 @@ LAYERS: dict[str, int] = {
     "gateway.protocols.comfyui": 5,
     "gateway.balancer": 5,
     "gateway.coalesce": 5,
-    # 6: the table of protocols; DNS discovery (drives the balancer)
+    # 6: the table of protocols; DNS discovery and the replicas' coordination (drive
+    # the balancer)
     "gateway.protocols": 6,
     "gateway.discovery": 6,
+    "gateway.coordination": 6,
     # 7: what drives a pool through a protocol: the request pipeline, probes
     "gateway.pipeline": 7,
     "gateway.prober": 7,

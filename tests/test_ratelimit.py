@@ -15,7 +15,13 @@ import pytest
 from redis.asyncio import Redis
 
 from gateway.errors import RateLimited
-from gateway.ratelimit import KeyLimits, MemoryRateLimiter, RedisRateLimiter, open_rate_limiter
+from gateway.ratelimit import (
+    KeyLimits,
+    MemoryRateLimiter,
+    RedisRateLimiter,
+    SharedInFlight,
+    open_rate_limiter,
+)
 from gateway.registry import KeySpec, RateSpec
 from gateway.state import served_of
 from gateway.testing import ServedSim, fake_worker, gateway, registry_yaml, served_gateway, sleeps
@@ -209,3 +215,71 @@ async def test_a_refused_rate_costs_no_slot_and_a_refused_slot_no_token() -> Non
         async with limits.admit(key):
             pass
     assert limits._in_flight == {}
+
+
+# -- max_concurrent across replicas ----------------------------------------------------
+
+
+def shared_limits(client: Redis, *, lease_s: float = 10.0, replicas: int = 1) -> KeyLimits:
+    """One process's limits: rates in memory (not the point here), in-flight in Redis."""
+    shared = SharedInFlight(client, lease_s=lease_s, replicas=lambda: replicas)
+    return KeyLimits(rate=MemoryRateLimiter(), shared=shared)
+
+
+CAPPED = KeySpec(name="team-a", sha256="0" * 64, max_concurrent=2)
+
+
+async def test_max_concurrent_is_one_count_across_processes(redis_url: str) -> None:
+    client = Redis.from_url(redis_url)
+    try:
+        one, two = shared_limits(client), shared_limits(client)
+        async with one.admit(CAPPED), two.admit(CAPPED):
+            for limits in (one, two):  # the third request, in either process: refused
+                with pytest.raises(RateLimited, match="2 requests in flight"):
+                    async with limits.admit(CAPPED):
+                        pass
+        async with one.admit(CAPPED), one.admit(CAPPED):  # both given back
+            pass
+        assert one._in_flight == {}
+        assert await client.zcard("gateway:inflight:team-a") == 0
+    finally:
+        await client.aclose()
+
+
+async def test_a_crashed_processs_requests_leave_the_count_within_the_lease(
+    redis_url: str,
+) -> None:
+    client = Redis.from_url(redis_url)
+    try:
+        crashed = SharedInFlight(client, lease_s=0.3)
+        assert await crashed.take("team-a", 2)  # held, never given back nor renewed
+        alive = SharedInFlight(client, lease_s=0.3)
+        renewing = asyncio.create_task(alive.renew())  # a live process renews its own
+        try:
+            assert await alive.take("team-a", 2)
+            assert await alive.take("team-a", 2) is False  # the crashed one still counts
+            await asyncio.sleep(0.5)
+            assert await alive.take("team-a", 2)  # its lease lapsed; the live one's stayed
+            assert await alive.take("team-a", 2) is False
+        finally:
+            renewing.cancel()
+    finally:
+        await client.aclose()
+
+
+async def test_max_concurrent_without_redis_is_this_processs_share(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client = Redis.from_url(dead_redis_url(), socket_connect_timeout=0.5)
+    try:
+        limits = shared_limits(client, replicas=2)
+        key = KeySpec(name="team-a", sha256="0" * 64, max_concurrent=3)
+        async with limits.admit(key), limits.admit(key):  # ceil(3 / 2) = 2 here
+            with pytest.raises(RateLimited):
+                async with limits.admit(key):
+                    pass
+        assert limits._in_flight == {}
+        said = [r.message for r in caplog.records if "max_concurrent" in r.message]
+        assert len(said) == 1  # once, not per request
+    finally:
+        await client.aclose()

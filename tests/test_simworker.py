@@ -69,6 +69,24 @@ async def test_takes_steps_times_step_ms_and_holds_concurrency() -> None:
     assert stats["generations"] == 4
 
 
+async def test_stats_report_peak_concurrency_and_requests_queued_inside() -> None:
+    # 5 at once on 2 slots: 2 run, 3 wait inside the worker (what a gateway that
+    # overcommits it causes); then 2 at once: none waits, the peaks stay.
+    async with sim(step_ms=20, concurrency=2, size=32) as client:
+        await asyncio.gather(*(generate(client, num_inference_steps=3, seed=i) for i in range(5)))
+        await asyncio.gather(*(generate(client, num_inference_steps=3, seed=i) for i in range(2)))
+        stats = (await client.get("/stats")).json()
+    assert (stats["peak_concurrency"], stats["queued_peak"], stats["served"]) == (2, 3, 7)
+
+
+async def test_stats_show_no_queue_when_never_overcommitted() -> None:
+    async with sim(step_ms=5, concurrency=2, size=32) as client:
+        for _ in range(3):
+            await asyncio.gather(*(generate(client, seed=i) for i in range(2)))
+        stats = (await client.get("/stats")).json()
+    assert (stats["peak_concurrency"], stats["queued_peak"], stats["served"]) == (2, 0, 6)
+
+
 async def test_adapter_loads_are_paid_once_while_loaded() -> None:
     async with sim(step_ms=0, adapter_load_ms=1, max_loaded_adapters=2, size=32) as client:
         for model in ["a", "a", "b", "a", "c", "b"]:
