@@ -49,6 +49,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from redis.asyncio import Redis
@@ -149,6 +150,40 @@ def set_shares(pool: Pool, live: Iterable[str], me: str) -> None:
 
 
 # -- the dispatcher: the pool's core serving everyone ----------------------------------
+
+
+@dataclass(frozen=True)
+class PoolView:
+    """The dispatcher's view of its pool, copied to Redis at each of its heartbeats: what
+    a follower's `/readyz?pool=` and `/status` report, since a follower's own `Pool`
+    sees only its probes (tries fail and workers are ejected at the dispatcher)."""
+
+    queue: int  # requests waiting, from every process
+    workers: Mapping[str, Mapping[str, Any]]  # url -> state, in_service, in_flight, ejections
+
+    @classmethod
+    def of(cls, pool: Pool) -> PoolView:
+        workers = {
+            w.url: {
+                "state": w.health.state.value,
+                "in_service": w.in_service,
+                "in_flight": w.in_flight,
+                "ejections": w.stats.ejections,
+            }
+            for w in pool.workers
+        }
+        return cls(queue=len(pool.queue), workers=workers)
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> PoolView:
+        data = json.loads(raw)
+        return cls(queue=int(data["queue"]), workers=data["workers"])
+
+    def to_json(self) -> str:
+        return json.dumps({"queue": self.queue, "workers": self.workers})
+
+    def healthy(self) -> int:
+        return sum(bool(w.get("in_service")) for w in self.workers.values())
 
 
 class Dispatcher:
@@ -353,6 +388,7 @@ class Member:
         self.tries: dict[str, Ticket] = {}  # this process's tries, waiting or running
         self.ids: dict[Ticket, str] = {}
         self.sent: dict[str, Message] = {}  # try id -> its submit message
+        self.view: PoolView | None = None  # following: the dispatcher's, if fresh
         self._seq = 0
         pool.relay = self
 
@@ -436,6 +472,7 @@ class Member:
         for worker in self.pool.workers:
             worker.capacity = None
         self.role, self.epoch = role, epoch
+        self.view = None  # a follower reads the new dispatcher's at its next heartbeat
         now = self.pool.clock()
         running = {
             tid: (t.worker.url, wire_fields(t, now))
@@ -556,6 +593,7 @@ class Keys:
         tag = "{gw:" + pool + "}"
         self.leader, self.epoch, self.members = f"{tag}:leader", f"{tag}:epoch", f"{tag}:members"
         self.inbox, self.warm, self._tag = f"{tag}:inbox", f"{tag}:warm", tag
+        self.view = f"{tag}:view"
 
     def to(self, process: str) -> str:
         return f"{self._tag}:to:{process}"
@@ -628,8 +666,11 @@ class PoolLink:
                 else:
                     member.dispatcher.settle()  # a heartbeat's wait is long enough
                     await self._copy_warm()
-            elif member.role != "follower" or epoch != member.epoch or fresh:
-                self._take("follower", epoch, None)
+                await self._copy_view()
+            else:
+                if member.role != "follower" or epoch != member.epoch or fresh:
+                    self._take("follower", epoch, None)
+                await self._read_view()
         except REDIS_ERRORS as exc:
             _reraise_cancel()
             self.lost(exc)
@@ -691,6 +732,16 @@ class PoolLink:
             adapters = copy.get(worker.url.encode())
             for adapter in json.loads(adapters) if adapters else ():
                 worker.touch(adapter)
+
+    async def _copy_view(self) -> None:
+        """Kept for a lease: a follower that finds none (the dispatcher gone) reports
+        its own view until a new one writes."""
+        view = PoolView.of(self.pool).to_json()
+        await self.client.set(self.keys.view, view, px=self.lease_ms)
+
+    async def _read_view(self) -> None:
+        raw = await self.client.get(self.keys.view)
+        self.member.view = None if raw is None else PoolView.from_json(raw)
 
     # -- reading and writing ------------------------------------------------------------
 
@@ -925,6 +976,15 @@ def _client(url: str, cluster: bool, timeout_s: float) -> RedisClient:
 
 
 # -- in memory: the same members without Redis ------------------------------------------
+
+
+def shared_view(pool: Pool) -> PoolView | None:
+    """The dispatcher's view of `pool` when this process follows it; None when this
+    process's own view is the pool's (it leads, serves alone, or is not coordinated)."""
+    relay = pool.relay
+    if isinstance(relay, Member) and relay.role == "follower":
+        return relay.view
+    return None
 
 
 class MemoryHub:

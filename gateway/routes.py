@@ -19,6 +19,7 @@ from starlette.routing import Route
 from gateway.auth import authenticate, holds_key, require_key
 from gateway.balancer import Pool
 from gateway.cache import policy_from_cache_control
+from gateway.coordination import shared_view
 from gateway.errors import (
     ConfigError,
     ReloadRefused,
@@ -226,13 +227,15 @@ async def readyz(request: Request) -> Response:
         return _status_json(Status(status=state), code)
     if pool is None:
         return _status_json(Status(status=state, registry=pipeline.registry.digest), code)
-    healthy = pool.healthy_count()
+    view = shared_view(pool)
+    healthy = pool.healthy_count() if view is None else view.healthy()
     ready = Status(status="ready" if healthy else "unready", pool=pool.name, healthy=healthy)
     return _status_json(ready, 200 if healthy else 503)
 
 
 async def status(request: Request) -> Response:
-    """Every pool's workers, health, queue and ejections, as this process sees them:
+    """Every pool's workers, health, queue and ejections, as this process sees them, or
+    as the pool's dispatcher does where this process follows one (coordination.py):
     200 whenever there is a report (`status` says whether the process is draining)."""
     pipeline, state = _process_state(request)
     if pipeline is None:
@@ -272,21 +275,26 @@ def _full_status(request: Request, pipeline: Pipeline, state: ProcessState) -> S
 
 
 def _pool_status(pool: Pool, registry: Registry, *, addresses: bool) -> PoolStatus:
-    workers = [
-        WorkerStatus(
-            name=worker.name,
-            state=worker.health.state.value,
-            in_flight=worker.in_flight,
-            max_concurrency=worker.spec.max_concurrency,
-            ejections=worker.stats.ejections,
-            address=_address(worker.url) if addresses else None,
+    """This process's view of `pool`, or the dispatcher's when this process follows
+    one (coordination.py): then workers, health and queue are the whole pool's."""
+    view = shared_view(pool)
+    workers = []
+    for worker in pool.workers:
+        seen = {} if view is None else view.workers.get(worker.url, {})
+        workers.append(
+            WorkerStatus(
+                name=worker.name,
+                state=seen.get("state", worker.health.state.value),
+                in_flight=seen.get("in_flight", worker.in_flight),
+                max_concurrency=worker.spec.max_concurrency,
+                ejections=seen.get("ejections", worker.stats.ejections),
+                address=_address(worker.url) if addresses else None,
+            )
         )
-        for worker in pool.workers
-    ]
     return PoolStatus(
         protocol=pool.spec.protocol,
-        healthy=pool.healthy_count(),
-        queue_depth=len(pool.queue),
+        healthy=pool.healthy_count() if view is None else view.healthy(),
+        queue_depth=len(pool.queue) if view is None else view.queue,
         ejections=pool.stats.ejections,
         adapters=[adapter.name for adapter in registry.adapters if adapter.pool == pool.name],
         workers=workers,

@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from gateway.balancer import Balancer
-from gateway.coordination import Coordination, Keys, open_coordination
+from gateway.coordination import Coordination, Keys, open_coordination, shared_view
 from gateway.testing import registry_yaml
 from tests.support import (
     RedisServer,
@@ -212,7 +212,11 @@ def test_redis_outage_falls_back_to_shares_then_rejoins(tmp_path: Path) -> None:
 
 
 @asynccontextmanager
-async def coordinated(url: str, *, cluster: bool, n: int) -> AsyncIterator[list[Balancer]]:
+async def coordinated(
+    url: str, *, cluster: bool, n: int, drivers: list[Coordination] | None = None
+) -> AsyncIterator[list[Balancer]]:
+    """`n` balancers coordinated through `url`, each with its driver running (put in
+    `drivers` when given, for a test to beat them itself)."""
     registry = make_registry(
         {"gpu": [{"url": "http://127.0.0.1:9", "max_concurrency": 2}]},
         sections={"coordination": {"url": url, "cluster": cluster, "timeout_ms": 2000}},
@@ -225,6 +229,8 @@ async def coordinated(url: str, *, cluster: bool, n: int) -> AsyncIterator[list[
             found = await stack.enter_async_context(open_coordination(registry, balancer))
             assert found is not None
             coordinations.append(found)
+        if drivers is not None:
+            drivers.extend(coordinations)
         for coordination in coordinations:
             await coordination.beat()
         tasks = [asyncio.create_task(c.run()) for c in coordinations]
@@ -256,3 +262,24 @@ async def test_processes_in_one_event_loop_hold_at_most_the_workers_slots(cluste
             assert peak == 2
             roles = sorted(b.pool("gpu").relay.role for b in balancers)  # type: ignore[union-attr]
             assert roles == ["follower", "follower", "leader"]
+
+
+async def test_a_follower_reports_the_dispatchers_view_of_health_and_queue() -> None:
+    """Tries fail and workers are ejected at the dispatcher: a follower's /readyz and
+    /status must say what the dispatcher sees, not what its own probes last saw."""
+    with redis_server() as redis:
+        drivers: list[Coordination] = []
+        async with coordinated(redis.url, cluster=False, n=2, drivers=drivers) as balancers:
+            pools = [b.pool("gpu") for b in balancers]
+            lead = next(p for p in pools if p.relay.role == "leader")  # type: ignore[union-attr]
+            follow = next(p for p in pools if p is not lead)
+            lead.probed(lead.workers[0], False)  # the dispatcher takes the worker out
+            assert follow.healthy_count() == 1  # the follower's own view never saw it
+            for _ in range(2):  # the leader writes its view, the follower reads it
+                for driver in drivers:
+                    await driver.beat()
+            view = shared_view(follow)
+            assert view is not None
+            assert view.healthy() == 0
+            assert view.workers[follow.workers[0].url]["state"] == "down"
+            assert shared_view(lead) is None  # the dispatcher's own view is the pool's
