@@ -247,7 +247,7 @@ def run_pool(
     turn_of: dict[Ticket, int] = {}  # index into grants of its FIFO turn
     grants: list[float] = []
     beyond: list[float] = []
-    wakeups: set[float] = set()
+    wake_later = waker(sim)
 
     def granted(ticket: Ticket) -> None:
         assert ticket.worker is not None
@@ -261,25 +261,13 @@ def run_pool(
     def finish(ticket: Ticket, job: Job) -> None:
         job.done = sim.now
         pool.release(ticket, "ok")
-        wake_later()
+        wake_later(pool)
 
     def arrive(job: Job) -> None:
         ticket = Ticket(job.adapter, granted)
         job_of[ticket], turn_of[ticket] = job, len(grants) + len(pool.queue)
         pool.submit(ticket)
-        wake_later()
-
-    def wake_later() -> None:
-        # A waiter's affinity allowance running out is an event too.
-        when = pool.next_wakeup()
-        if when is not None and when not in wakeups:
-            wakeups.add(when)
-            sim.at(when, lambda: wake(when))
-
-    def wake(when: float) -> None:
-        wakeups.discard(when)
-        pool.dispatch()
-        wake_later()
+        wake_later(pool)
 
     def look() -> None:  # `probe` sees the pool every PROBE_S while requests arrive
         assert probe is not None
@@ -352,7 +340,7 @@ def run_uncoordinated(
         pool.submit(Ticket(job.adapter, granted))
         wake_later(pool)
 
-    wake_later = _waker(sim)
+    wake_later = waker(sim)
     for i, job in enumerate(jobs):
         sim.at(job.arrived, lambda i=i, job=job: arrive(i, job))  # type: ignore[misc]
     sim.run()
@@ -397,15 +385,16 @@ def run_coordinated(
         pool.submit(Ticket(job.adapter, granted))
         wake_later(leader)
 
-    wake_later = _waker(sim)
+    wake_later = waker(sim)
     for i, job in enumerate(jobs):
         sim.at(job.arrived, lambda i=i, job=job: arrive(i, job))  # type: ignore[misc]
     sim.run()
     return workers, peak
 
 
-def _waker(sim: Sim) -> Callable[[Pool], None]:
-    """A pool's waiter whose affinity allowance runs out is an event too."""
+def waker(sim: Sim) -> Callable[[Pool], None]:
+    """`wake_later(pool)`, to call after anything changes a pool: a waiter's affinity
+    allowance running out, or its latest start passing, is an event too."""
     wakeups: set[tuple[int, float]] = set()
 
     def wake_later(pool: Pool) -> None:
@@ -416,6 +405,7 @@ def _waker(sim: Sim) -> Callable[[Pool], None]:
 
     def wake(pool: Pool, when: float) -> None:
         wakeups.discard((id(pool), when))
+        pool.expire()
         pool.dispatch()
         wake_later(pool)
 

@@ -48,6 +48,7 @@ from bench.balance import (
     Sim,
     balancer_registry,
     gpus,
+    waker,
 )
 from gateway.balancer import Balancer, Ticket, Worker
 from gateway.errors import Overloaded
@@ -185,7 +186,7 @@ def simulate(
     pool = Balancer(registry, clock=lambda: sim.now, rng=random.Random(seed)).pool("gpu")
     gpu_of = dict(zip(pool.workers, workers, strict=True))
     job_of: dict[Ticket, TeamJob] = {}
-    wakeups: set[float] = set()
+    wake_later = waker(sim)
 
     def notified(ticket: Ticket) -> None:
         job = job_of[ticket]
@@ -205,7 +206,7 @@ def simulate(
         job.done = sim.now
         running[job.team] -= 1
         pool.release(ticket, "ok")
-        wake_later()
+        wake_later(pool)
 
     def arrive(job: TeamJob) -> None:
         fair = weights is not None
@@ -227,25 +228,13 @@ def simulate(
             return
         if queue_limits and ticket.worker is None:
             sim.at(sim.now + pool.spec.queue_timeout_s, lambda: give_up(ticket, job))
-        wake_later()
+        wake_later(pool)
 
     def give_up(ticket: Ticket, job: TeamJob) -> None:
         if ticket in pool.queue:  # the Attempt's queue_timeout_s: 503
             pool.withdraw(ticket)
             waiting[job.team] -= 1
             job.refused = True
-
-    def wake_later() -> None:
-        when = pool.next_wakeup()
-        if when is not None and when not in wakeups:
-            wakeups.add(when)
-            sim.at(when, lambda: wake(when))
-
-    def wake(when: float) -> None:
-        wakeups.discard(when)
-        pool.expire()
-        pool.dispatch()
-        wake_later()
 
     for job in jobs:
         sim.at(job.arrived, lambda job=job: arrive(job))  # type: ignore[misc]
