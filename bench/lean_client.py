@@ -36,21 +36,29 @@ class _Conn(asyncio.Protocol):
         self._reset()
 
     def _reset(self) -> None:
+        self.done = None
         self.headers: list[tuple[bytes, bytes]] = []
         self.body = bytearray()
         self.answered = False
         self.complete = False
+        self.keep_alive = False
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self.complete or self.done is None:
+            # Bytes nobody asked for (more than the Content-Length said): they would be
+            # read as the next request's answer. The connection is not reused.
+            self._fail(httptools.HttpParserError("data after the answer"))
+            return
         self.answered = True
         try:
             self.parser.feed_data(data)
-        except (httptools.HttpParserError, TooLarge) as exc:
-            self._fail(exc)
+        except httptools.HttpParserError as exc:
+            # httptools wraps a callback's exception: the cause is what the callback raised.
+            self._fail(exc.__context__ if isinstance(exc.__context__, TooLarge) else exc)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -65,6 +73,10 @@ class _Conn(asyncio.Protocol):
             self.done.set_exception(exc)
 
     # httptools callbacks
+    def on_message_begin(self) -> None:
+        if self.complete:  # a second answer in the same bytes: see data_received
+            raise httptools.HttpParserError("data after the answer")
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
         if name.lower() == b"content-length" and int(value) > self.limit:
@@ -77,6 +89,8 @@ class _Conn(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.complete = True
+        # Asked here: once the parser has moved past the answer it no longer knows.
+        self.keep_alive = self.parser.should_keep_alive()
         if self.done is not None and not self.done.done():
             self.done.set_result(None)
 
@@ -117,7 +131,7 @@ class LeanPool:
             except BaseException:
                 conn._fail(Lost(conn.answered))  # a cancelled exchange leaves a half-read answer
                 raise
-        if not conn.closed and conn.parser.should_keep_alive():
+        if not conn.closed and conn.keep_alive:
             self.idle.append(conn)
         elif conn.transport is not None:
             conn.transport.close()

@@ -121,6 +121,10 @@ def _report(figures: dict[str, list[float]]) -> None:
     print(f"\nCPU per exchange, c={CONCURRENCY}, 149 KB answer (median of rounds):")
     for name, values in figures.items():
         print(f"  {name:9} {statistics.median(values):7.1f} us")
+    for name in ("lean", "raw"):
+        if name in figures:
+            ratios = [r / g for r, g in zip(figures[name], figures["gateway"], strict=True)]
+            print(f"  {name} / gateway: {statistics.median(ratios):.2f}x")
     if "baseline" in figures:
         ratios = [g / b for g, b in zip(figures["gateway"], figures["baseline"], strict=True)]
         each = " ".join(f"{r:.2f}" for r in ratios)
