@@ -131,4 +131,6 @@ def open_worker_session(*, slots: int) -> aiohttp.ClientSession:
         auto_decompress=False,  # the worker's bytes go to the client as they came
         trust_env=False,  # never route worker traffic through an environment proxy
         skip_auto_headers=("User-Agent",),
+        # Workers set no cookies the gateway should send back: no jar to look up per request.
+        cookie_jar=aiohttp.DummyCookieJar(),
     )
