@@ -339,9 +339,10 @@ def redis_server(*options: str, tls: bool = False, cluster: bool = False) -> Ite
             try:
                 server.start()
                 break
-            except RuntimeError:
+            except BaseException as exc:  # a timeout or an interrupt too: never leak it
                 server.kill()
-                if attempt == 4 or not _port_taken(server.log_tail()):
+                taken = isinstance(exc, RuntimeError) and _port_taken(server.log_tail())
+                if attempt == 4 or not taken:
                     raise
                 (workdir / "redis.log").unlink(missing_ok=True)
         try:
