@@ -17,7 +17,7 @@ never further back. For each of those, in order, among in-service workers with a
 slot that it has not tried yet:
   1. a worker warm for its adapter (in the worker's LRU of recently served ones),
      those the adapter is placed on first;
-  2. once its allowance (below) is over, the cheapest cold worker;
+  2. once the affinity bound (below) is reached, the cheapest cold worker;
   3. else wait for a busy warm worker, if a slot there is expected within
      `adapter_load_s` (loading the adapter elsewhere would cost about that much) and
      within its allowance; an adapter warm nowhere waits so for a worker it is placed on;
@@ -40,17 +40,21 @@ PLACEMENT_SPARE places per worker left to unplaced ones. The view of what each w
 holds is the pool's own: its sends, and `adapters:` in the registry at start.
 `placement: false` plans nothing (rules 1-5 without the placed preferences).
 
-The affinity bound. Steps 3 and 5 let requests behind one go first. The first time that
-happens to a request its allowance is fixed: `adapter_load_s` x the waiters per slot in
-service (at least 1), at most `affinity_wait_max_s` (default 4 x `adapter_load_s`): the
-longer the queue, the more a saved load is worth against one request's wait. Once the
-allowance is over no request behind it is served before it, and it takes the first slot
-free for it. So its wait beyond its turn (FIFO within a team, fair between teams) is at
-most its allowance, plus the time for the slot releases it was overtaken by during that
-allowance to come round again. tests/test_balancer.py::test_affinity_bound_*,
-::test_the_bound_grows_* and ::test_no_slot_leaks_and_the_bound_holds_* check it on a
-fake clock; bench/balance.py measures the wait beyond the FIFO turn (`--placement`
-prints it per seed).
+The affinity bound. Steps 3 and 5 let requests behind one go first, within two limits.
+Overtakes: a waiter sees at most `affinity_overtakes` (default 4 per slot in service)
+waiters behind it granted first. Each such grant delays its turn (FIFO within a team,
+fair between teams) by one grant, so this bounds its wait beyond its turn: about four
+service times by default, whatever the pool's size. The head's time: the head, whose
+turn has come, is held back for at most its allowance, fixed the first time it is held
+back there: `adapter_load_s` x the waiters per slot in service (at least 1), at most
+`affinity_wait_max_s` (default 4 x `adapter_load_s`). Further back only overtakes
+count: a clock started there runs out during the ordinary wait for its turn and then
+forces a load that saves nobody time. Once either limit is reached no request behind
+it is served before it, and it takes the first slot free for it.
+tests/test_balancer.py::test_affinity_bound_*, ::test_a_waiter_is_overtaken_*,
+::test_the_time_allowance_starts_* and ::test_no_slot_leaks_and_the_bound_holds_* check
+it on a fake clock; bench/balance.py measures the wait beyond the FIFO turn
+(`--placement` prints it per seed).
 
 Deadlines. A ticket may carry `deadline_at`, when its client wants the image. Its
 latest useful start is that minus its estimated service time. `submit` refuses it at
@@ -91,6 +95,7 @@ Outcome = Literal["ok", "answered", "failed", "busy", "cancelled"]
 
 REPLAN_S = 5.0  # how often the placement is planned again
 PLACEMENT_SPARE = 1  # places per worker the plan leaves to unplaced adapters
+OVERTAKES_PER_SLOT = 4  # affinity_overtakes when unset: per slot in service
 _EWMA = 0.2  # weight of the newest service time in the running estimate
 _RATE_WINDOW_S = 60.0  # completions this recent give the service rate for Retry-After
 
@@ -135,8 +140,9 @@ class Ticket:
     error: RequestError | None = None
     queued_at: float = 0.0
     granted_at: float = 0.0
-    passed_at: float | None = None  # first time affinity kept it waiting
+    passed_at: float | None = None  # first time affinity kept it waiting as the head
     wake_at: float | None = None  # when that allowance runs out: dispatch again
+    overtaken: int = 0  # waiters behind it granted a slot first (the affinity bound)
     # Fair order (gateway.fairness): whose share it uses, and how much of it.
     team: str = DEFAULT_TEAM
     weight: float = 1.0  # its team's weight, from the registry it was admitted under
@@ -431,16 +437,21 @@ class Pool:
         # The look-ahead is bounded: the head and affinity_lookahead waiters behind it.
         waiters = list(itertools.islice(self.queue, self.spec.affinity_lookahead + 1))
         deferred: Counter[Worker] = Counter()  # waiters in this pass waiting per worker
+        held: list[Ticket] = []  # waiters this pass passed over: a grant behind overtakes them
         granted = False
         for i, ticket in enumerate(waiters):
             if spare == 0:
                 break
-            choice = self._choose(ticket, free, waiters[i + 1 :], deferred, now)
+            choice = self._choose(ticket, free, waiters[i + 1 :], deferred, now, head=i == 0)
             if isinstance(choice, Worker):
+                for ahead in held:
+                    ahead.overtaken += 1
                 self._grant(ticket, choice, now)
                 free[choice] -= 1
                 spare -= 1
                 granted = True
+            else:
+                held.append(ticket)
         return granted
 
     def _choose(
@@ -450,6 +461,8 @@ class Pool:
         behind: Sequence[Ticket],
         deferred: Counter[Worker],
         now: float,
+        *,
+        head: bool,
     ) -> Worker | _Defer | None:
         candidates = [w for w, n in free.items() if n and w not in ticket.exclude]
         if not candidates:
@@ -464,7 +477,7 @@ class Pool:
         wait, worker = self._warm_wait(ticket, deferred, now)
         if worker is not None and wait <= min(allowance, self.spec.adapter_load_s):
             deferred[worker] += 1
-            self._passed(ticket, now)
+            self._held_back(ticket, now, head=head)
             return DEFER
         candidates = [w for w in candidates if not _claimed(w, behind)]
         placed = [w for w in candidates if w in home]
@@ -476,7 +489,7 @@ class Pool:
             if harmless:
                 return self._cold(ticket.adapter, harmless)
         if not candidates:
-            self._passed(ticket, now)
+            self._held_back(ticket, now, head=head)
             return None
         return self._cold(ticket.adapter, candidates)
 
@@ -528,6 +541,8 @@ class Pool:
 
     def _allowance(self, ticket: Ticket, now: float) -> float:
         """How much longer affinity may hold `ticket` back (the stated bound)."""
+        if ticket.overtaken >= self._overtakes_max():
+            return 0.0
         if ticket.passed_at is None or ticket.wake_at is None:
             return self._bound_s()
         return ticket.wake_at - now
@@ -542,8 +557,20 @@ class Pool:
         slots = sum(w.spec.max_concurrency for w in self.workers if w.in_service) or 1
         return min(most, spec.adapter_load_s * max(1.0, len(self.queue) / slots))
 
-    def _passed(self, ticket: Ticket, now: float) -> None:
-        if ticket.passed_at is None:
+    def _overtakes_max(self) -> int:
+        """affinity_overtakes, or OVERTAKES_PER_SLOT per slot in service: about as many
+        service times of delay beyond its turn, whatever the pool's size."""
+        if self.spec.affinity_overtakes is not None:
+            return self.spec.affinity_overtakes
+        slots = sum(w.spec.max_concurrency for w in self.workers if w.in_service)
+        return OVERTAKES_PER_SLOT * max(1, slots)
+
+    def _held_back(self, ticket: Ticket, now: float, *, head: bool) -> None:
+        """Affinity holds `ticket` back. Only the head's turn has come: its time
+        allowance starts the first time it is held back there. Further back the
+        overtakes count instead (a clock started there would run out during the
+        ordinary wait for its turn, and force a load that saves no time)."""
+        if head and ticket.passed_at is None:
             ticket.passed_at = now
             ticket.wake_at = now + self._bound_s()
 

@@ -82,7 +82,17 @@ BATCH = 256  # messages read at once after a blocking read
 # Ticket fields that are the core's bookkeeping, not the try's: everything else a
 # Ticket has (adapter, retry, and whatever fields policies add) crosses the wire.
 _LOCAL_FIELDS = frozenset(
-    {"notify", "exclude", "worker", "error", "queued_at", "granted_at", "passed_at", "wake_at"}
+    {
+        "notify",
+        "exclude",
+        "worker",
+        "error",
+        "queued_at",
+        "granted_at",
+        "passed_at",
+        "wake_at",
+        "overtaken",
+    }
 )
 _SCALARS = (str, int, float, bool, type(None))
 

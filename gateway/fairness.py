@@ -39,13 +39,12 @@ Retries (`appendleft`) go before all of that, as they did in the FIFO: they came
 
 Affinity. The balancer may grant a waiter behind (within its look-ahead) before one
 ahead in this order, to save an adapter load. Both bounds still hold, with "fair
-turn" for "FIFO turn": a waiter is overtaken only within its affinity allowance
-(balancer.py: `adapter_load_s` x waiters per slot, at most `affinity_wait_max_s`) of
-the first time it was, so its wait beyond its fair turn is at most that allowance plus
-the releases it was overtaken by in that time; and since the charge follows the grant,
-a team that went ahead through affinity is charged for it and falls back by as much:
-shares drift from the weights by at most the work the pool grants in one allowance,
-and that drift is repaid, not lost.
+turn" for "FIFO turn": a waiter is overtaken at most `affinity_overtakes` times, and
+held back at the head for at most its time allowance (balancer.py: `adapter_load_s` x
+waiters per slot, at most `affinity_wait_max_s`), so its wait beyond its fair turn is
+bounded by those; and since the charge follows the grant, a team that went ahead
+through affinity is charged for it and falls back by as much: shares drift from the
+weights by at most the work of those grants, and that drift is repaid, not lost.
 """
 
 from __future__ import annotations

@@ -474,12 +474,15 @@ class PoolSpec(_Frozen):
     # A team that used less than its share (or none) may run ahead of the others by at
     # most this many GPU-seconds per unit of weight: room for a light team's bursts.
     share_credit_s: Annotated[float, Field(ge=0, le=86400)] = 60.0
-    # How long affinity may hold a request back (passed over, or waiting for a warm
-    # worker): adapter_load_s x waiters per slot (at least 1), at most affinity_wait_max_s
-    # (None: 4 x adapter_load_s). A free slot looks at most affinity_lookahead waiters
-    # past the head of the queue.
+    # How far affinity may hold a request back (passed over, or waiting for a warm
+    # worker). At the head of the queue, for adapter_load_s x waiters per slot (at
+    # least 1) at most, and never more than affinity_wait_max_s (None: 4 x
+    # adapter_load_s). Anywhere in the queue, for at most affinity_overtakes waiters
+    # behind it served first (None: 4 per slot in service). A free slot looks at most
+    # affinity_lookahead waiters past the head of the queue.
     affinity_wait_max_s: Annotated[float, Field(ge=0, le=3600)] | None = None
-    affinity_lookahead: Annotated[int, Field(ge=0, le=1000)] = 8
+    affinity_overtakes: Annotated[int, Field(ge=0, le=100_000)] | None = None
+    affinity_lookahead: Annotated[int, Field(ge=0, le=1000)] = 32
     # Placement: the pool decides on which workers each adapter should be warm, from
     # its share of requests, counted with this half-life (gateway/placement.py).
     placement: bool = True

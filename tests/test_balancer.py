@@ -572,6 +572,53 @@ def test_the_bound_grows_with_the_queue_up_to_affinity_wait_max_s() -> None:
         assert behind[1].worker is None
 
 
+def test_a_waiter_is_overtaken_at_most_affinity_overtakes_times() -> None:
+    """Warm requests behind a cold head take the first three slots (its time
+    allowance is far off); the fourth is the head's, though warm ones still wait."""
+    clock = FakeClock()
+    specs: Sequence[str | dict[str, Any]] = [{"url": urls(1)[0], "adapters": ["a"]}]
+    pool = make_pool(specs, clock, affinity_overtakes=3, affinity_wait_max_s=100)
+    running = submit(pool, "a")
+    head = submit(pool, "x")
+    behind = [submit(pool, "a") for _ in range(5)]
+    for overtaken in range(1, 4):
+        clock.advance(0.01)
+        pool.release(running, "ok")
+        running = behind[overtaken - 1]
+        assert running.worker is not None
+        assert head.worker is None
+        assert head.overtaken == overtaken
+    clock.advance(0.01)
+    pool.release(running, "ok")
+    assert head.worker is pool.workers[0], "overtaken three times: the next slot is its"
+    assert behind[3].worker is None
+    assert pool.stats.adapter_loads == 1
+
+
+def test_the_time_allowance_starts_at_the_head_further_back_overtakes_count() -> None:
+    """Two cold waiters step aside for a warm one: the head's allowance starts, the
+    second's does not (its turn has not come), but both were overtaken once. Once the
+    head is served, the second's clock starts the first time it is held back there."""
+    clock = FakeClock()
+    specs: Sequence[str | dict[str, Any]] = [{"url": urls(1)[0], "adapters": ["a"]}]
+    pool = make_pool(specs, clock, adapter_load_s=1.0, affinity_wait_max_s=1.0)
+    running = submit(pool, "a")
+    head, second, warm = submit(pool, "x"), submit(pool, "y"), submit(pool, "a")
+    pool.release(running, "ok")
+    assert warm.worker is not None
+    assert (head.passed_at, head.overtaken) == (clock.now, 1)
+    assert (second.passed_at, second.overtaken) == (None, 1)
+    clock.advance(1.0)  # the head's allowance is over: the next slot is its
+    pool.release(warm, "ok")
+    assert head.worker is not None
+    more = submit(pool, "a")
+    clock.advance(0.5)
+    pool.release(head, "ok")
+    assert more.worker is not None, "the second, now the head, steps aside"
+    assert second.passed_at == clock.now
+    assert second.overtaken == 2
+
+
 def test_reload_changes_the_placement_knobs() -> None:
     clock = FakeClock()
     balancer = Balancer(make_registry({"p": urls(2)}, warm_adapters=2), clock=clock)
@@ -585,10 +632,12 @@ def test_reload_changes_the_placement_knobs() -> None:
         "placement_half_life_s": 30,
         "affinity_lookahead": 1,
         "affinity_wait_max_s": 2,
+        "affinity_overtakes": 5,
     }
     balancer.update(make_registry({"p": urls(2)}, warm_adapters=2, **options))
     assert pool.popularity.half_life_s == 30
     assert (pool.spec.affinity_lookahead, pool.spec.affinity_wait_max_s) == (1, 2)
+    assert pool.spec.affinity_overtakes == 5
     serve(pool, clock, ["a"])
     assert pool.placed, "planned again at once"
 
@@ -596,16 +645,25 @@ def test_reload_changes_the_placement_knobs() -> None:
 def test_no_slot_leaks_and_the_bound_holds_in_a_random_run() -> None:
     """A seeded random run on the fake clock: requests for skewed adapters whose
     popularity shifts half-way, some withdrawn, some failing. At the end every slot is
-    free and the queue empty; and once a request's allowance was over, no request
-    behind it was served before it."""
+    free and the queue empty; once a request's time allowance was over, no request
+    behind it was served before it; and none was overtaken more than
+    affinity_overtakes times (3 here, so that the count binds)."""
     rng = random.Random(5)
     clock = FakeClock()
     specs: Sequence[str | dict[str, Any]] = [
         {"url": u, "max_concurrency": n, "weight": n}
         for u, n in zip(urls(3), (1, 2, 4), strict=True)
     ]
-    pool = make_pool(specs, clock, warm_adapters=3, adapter_load_s=0.5, max_queue=10_000)
+    pool = make_pool(
+        specs, clock, warm_adapters=3, adapter_load_s=0.5, max_queue=10_000, affinity_overtakes=3
+    )
     submitted: list[Ticket] = []
+    grant_order: dict[int, int] = {}  # id(ticket) -> its place among all grants
+
+    def on_grant(ticket: Ticket) -> None:
+        grant_order[id(ticket)] = len(grant_order)
+        running.append(ticket)
+
     running: list[Ticket] = []
     allowance_end: dict[int, float] = {}  # id(ticket) -> when affinity stops holding it
     withdrawn = 0
@@ -623,7 +681,7 @@ def test_no_slot_leaks_and_the_bound_holds_in_a_random_run() -> None:
         ranked = names if step < 1500 else names[::-1]
         clock.advance(rng.expovariate(8.0))
         if rng.random() < 0.5:
-            ticket = Ticket(rng.choices(ranked, weights)[0], running.append)
+            ticket = Ticket(rng.choices(ranked, weights)[0], on_grant)
             submitted.append(ticket)
             pool.submit(ticket)
         elif running:
@@ -662,6 +720,16 @@ def test_no_slot_leaks_and_the_bound_holds_in_a_random_run() -> None:
             if t.worker is not None and end < t.granted_at < ticket.granted_at
         ]
         assert not overtook, f"{len(overtook)} served after {end} before one held since"
+    overtaken = [
+        sum(
+            grant_order[id(t)] < grant_order[id(ticket)]
+            for t in submitted[i + 1 :]
+            if t.worker is not None
+        )
+        for i, ticket in enumerate(submitted)
+        if ticket.worker is not None
+    ]
+    assert max(overtaken) == 3, "overtaken at most 3 times, and the bound was reached"
 
 
 @pytest.mark.parametrize("adapter_load_s", [0.0, 1.0])
