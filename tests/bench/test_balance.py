@@ -25,7 +25,9 @@ def test_the_simulation_runs_every_policy_and_repeats_itself() -> None:
     again, _ = balance.run_policy(balance.BALANCER, 0.8, 300, seed=4)
     assert first == again, "seeded: the same run twice"
     assert first.backlog < 10
-    assert max(beyond) < 3.0
+    # Within the stated bound: 36 overtakes (4 per slot) at about 5.6 grants/s, plus
+    # the head's allowance (tests/test_balancer.py checks the limits themselves).
+    assert max(beyond) < 8.0
     for policy in balance.POLICIES:
         result, _ = balance.run_policy(policy, 0.5, 100, seed=4)
         assert result.throughput > 0
@@ -61,6 +63,11 @@ def test_the_placement_report_runs_on_short_runs() -> None:
     assert 0.5 <= report.stable_ours <= report.stable_ideal <= 1.03
     lines = list(balance.placement_table([report], goals=True))
     assert any(line.startswith("| max stable rho (ideal) |") for line in lines)
+    floor = report.floor
+    assert floor.places == 32
+    assert 0 < floor.distinct <= floor.places
+    assert floor.least <= floor.lru <= floor.lru_distinct
+    assert any(line.startswith("| rho 0.95: one cache of all places") for line in lines)
     assert all(line.endswith(("| met |", "| NOT MET |", "| |")) for line in lines[2:])
     heavy = balance.seed_report(2, balance.HEAVY, duration_s=100, stable_s=100)
     assert "— |" in "".join(balance.placement_table([heavy], goals=False))
@@ -70,3 +77,16 @@ def test_the_placement_report_runs_on_short_runs() -> None:
 def test_stable_follows_the_issues_definition() -> None:
     assert balance.stable(balance.IDEAL, 0.5, 1, balance.ISSUE3, duration_s=400)
     assert not balance.stable(balance.IDEAL, 1.2, 1, balance.ISSUE3, duration_s=400)
+
+
+def test_the_cache_floor_counts_loads_like_lru_and_belady() -> None:
+    cycle = list("abcabc")
+    assert balance.lru_loads(cycle, 2) == 6, "LRU misses every request of a cycle too big"
+    # MIN: a, b, c (evicts b, needed latest), a, b (evicts a, never needed), c: 4.
+    assert balance.min_loads(cycle, 2) == 4
+    assert balance.lru_loads(cycle, 3) == balance.min_loads(cycle, 3) == 3
+    jobs = balance.workload(0.8, 300, seed=5)
+    order = [job.adapter for job in jobs]
+    for places in (4, 16, 32):
+        assert balance.min_loads(order, places) <= balance.lru_loads(order, places)
+    assert balance.min_loads(order, 8) > balance.min_loads(order, 32)
