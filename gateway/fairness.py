@@ -248,6 +248,14 @@ class FairQueue(Generic[W]):
     ) -> list[W]:
         """SFQ on paper: the team of the smallest virtual time serves its next waiter,
         whose estimated cost moves that team on; ties go to the earlier arrival."""
+        live = [(name, stream) for name, stream in streams if stream]
+        if len(live) == 1:  # one team waiting (the common case): its order as it is
+            name, stream = live[0]
+            vtime = vtimes[name]
+            for waiter in stream:
+                vtime += self.estimate(waiter) / waiter.weight
+            vtimes[name] = vtime
+            return list(stream)
         heap = [
             (vtimes[name], stream[0].queued_at, i, 0)
             for i, (name, stream) in enumerate(streams)
