@@ -95,7 +95,7 @@ Outcome = Literal["ok", "answered", "failed", "busy", "cancelled"]
 
 REPLAN_S = 5.0  # how often the placement is planned again
 PLACEMENT_SPARE = 1  # places per worker the plan leaves to unplaced adapters
-OVERTAKES_PER_SLOT = 4  # affinity_overtakes when unset: per slot in service
+OVERTAKES_PER_SLOT = 6  # affinity_overtakes when unset: per slot in service
 _EWMA = 0.2  # weight of the newest service time in the running estimate
 _RATE_WINDOW_S = 60.0  # completions this recent give the service rate for Retry-After
 
@@ -143,6 +143,7 @@ class Ticket:
     passed_at: float | None = None  # first time affinity kept it waiting as the head
     wake_at: float | None = None  # when that allowance runs out: dispatch again
     overtaken: int = 0  # waiters behind it granted a slot first (the affinity bound)
+    recheck_at: float | None = None  # held off a load that would evict a needed adapter
     # Fair order (gateway.fairness): whose share it uses, and how much of it.
     team: str = DEFAULT_TEAM
     weight: float = 1.0  # its team's weight, from the registry it was admitted under
@@ -165,6 +166,7 @@ class Worker:
     warm: OrderedDict[str, None] = field(default_factory=OrderedDict)
     running: set[Ticket] = field(default_factory=set)
     stats: WorkerStats = field(default_factory=WorkerStats)
+    freed_at: float = -math.inf  # when it last gave a slot back
 
     @classmethod
     def create(cls, name: str, spec: WorkerSpec, *, pool: PoolSpec) -> Worker:
@@ -341,7 +343,8 @@ class Pool:
             return
         worker.running.remove(ticket)
         worker.in_flight -= 1
-        took = self.clock() - ticket.granted_at
+        worker.freed_at = self.clock()
+        took = worker.freed_at - ticket.granted_at
         self.queue.finished(ticket, took, ok=outcome == "ok")  # the team's actual charge
         self._learn(worker, outcome, took)
         self.dispatch()
@@ -371,7 +374,7 @@ class Pool:
         the look-ahead's waiters count: one further back changes no choice."""
         now = self.clock()
         window = itertools.islice(self.queue, self.spec.affinity_lookahead + 1)
-        times = [t.wake_at for t in window if t.wake_at is not None and t.wake_at > now]
+        times = [t for x in window for t in (x.wake_at, x.recheck_at) if t is not None and t > now]
         times += [t for t in map(self.latest_start, self.queue) if t is not None and t > now]
         return min(times, default=None)
 
@@ -480,17 +483,23 @@ class Pool:
             self._held_back(ticket, now, head=head)
             return DEFER
         candidates = [w for w in candidates if not _claimed(w, behind)]
-        placed = [w for w in candidates if w in home]
-        if placed:
-            return self._p2c(placed)  # a load, but where the plan wants the adapter
-        if self.spec.placement and ticket.adapter is not None and not home:
-            # Unplaced: it will be loaded somewhere; where it evicts no placed adapter.
-            harmless = [w for w in candidates if not self._evicts_placed(w)]
-            if harmless:
-                return self._cold(ticket.adapter, harmless)
         if not candidates:
             self._held_back(ticket, now, head=head)
             return None
+        harmless = [w for w in candidates if not self._evicts_needed(w)]
+        if harmless:
+            return self._cold(ticket.adapter, harmless)
+        if self._saturated():
+            # Every free slot would evict a needed adapter: one may be about to free
+            # that does not, or a waiter warm on these may arrive. A slot idles at most
+            # the pool's time between releases for it.
+            idle = self._idle_s()
+            ready = [w for w in candidates if now - w.freed_at >= idle]
+            if not ready:
+                ticket.recheck_at = min(w.freed_at for w in candidates) + idle
+                self._held_back(ticket, now, head=head)
+                return None
+            candidates = ready
         return self._cold(ticket.adapter, candidates)
 
     def _home(self, adapter: str | None) -> frozenset[Worker]:
@@ -512,13 +521,30 @@ class Pool:
     def _load_cost(self, worker: Worker) -> float:
         mean = worker.service_s if worker.service_s is not None else self.service_s
         cost = 1.0 / mean if mean else worker.spec.weight
-        return cost * 2 if self._evicts_placed(worker) else cost
+        return cost * 2 if self._evicts_needed(worker) else cost
 
-    def _evicts_placed(self, worker: Worker) -> bool:
-        """Would a load on `worker` push out (its LRU) an adapter placed there?"""
+    def _evicts_needed(self, worker: Worker) -> bool:
+        """Would a load on `worker` push out (its LRU) a needed adapter: one placed
+        there and warm on no other worker in service (it would be loaded again)?"""
         if not worker.warm or len(worker.warm) < worker.warm_size:
             return False
-        return worker in self._home(next(iter(worker.warm)))
+        oldest = next(iter(worker.warm))
+        if worker not in self._home(oldest):
+            return False
+        return not any(w is not worker and w.in_service and oldest in w.warm for w in self.workers)
+
+    def _saturated(self) -> bool:
+        """As many waiting as slots in service: a slot held free is soon taken."""
+        return len(self.queue) >= sum(w.spec.max_concurrency for w in self.workers if w.in_service)
+
+    def _idle_s(self) -> float:
+        """The pool's recent time between successes: how long a slot may idle to keep
+        a needed adapter (0 before any was timed: none idles)."""
+        now = self.clock()
+        recent = [t for t in self._done_at if now - t <= _RATE_WINDOW_S]
+        if len(recent) < 2:
+            return 0.0
+        return max(now - recent[0], 1e-3) / len(recent)
 
     def _replan(self, now: float) -> None:
         if now < self._planned_at + REPLAN_S:
@@ -619,6 +645,7 @@ class Pool:
         if ticket.adapter is not None:
             self.popularity.add(ticket.adapter, now)
         ticket.worker, ticket.granted_at, ticket.wake_at = worker, now, None
+        ticket.recheck_at = None
         worker.in_flight += 1
         worker.running.add(ticket)
         worker.stats.tries += 1
@@ -843,8 +870,9 @@ class Attempt:
         if now >= until:
             raise self._timed_out()
         wake = until
-        if ticket.wake_at is not None and ticket.wake_at > now:
-            wake = min(wake, ticket.wake_at)
+        for when in (ticket.wake_at, ticket.recheck_at):
+            if when is not None and when > now:
+                wake = min(wake, when)
         latest = self.pool.latest_start(ticket)
         if latest is not None:
             wake = max(now, min(wake, latest))

@@ -92,6 +92,7 @@ _LOCAL_FIELDS = frozenset(
         "passed_at",
         "wake_at",
         "overtaken",
+        "recheck_at",
     }
 )
 _SCALARS = (str, int, float, bool, type(None))
