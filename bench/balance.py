@@ -648,7 +648,7 @@ def targets(results: Sequence[Result], beyond_fifo_s: Sequence[float]) -> Iterat
     worst = sorted(beyond_fifo_s)
     yield (
         f"wait beyond the FIFO turn ({BALANCER}, every load): max {worst[-1]:.2f} s, "
-        f"p99 {worst[int(len(worst) * 0.99)]:.2f} s; bound: {4 * sum(SLOTS)} overtakes (4 per "
+        f"p99 {worst[int(len(worst) * 0.99)]:.2f} s; bound: {6 * sum(SLOTS)} overtakes (6 per "
         f"slot), and at the head adapter_load_s ({DEFAULT_ADAPTER_LOAD_S} s) x waiters per "
         "slot, at most 4 x that"
     )

@@ -21,14 +21,18 @@ slot that it has not tried yet:
   3. else wait for a busy warm worker, if a slot there is expected within
      `adapter_load_s` (loading the adapter elsewhere would cost about that much) and
      within its allowance; an adapter warm nowhere waits so for a worker it is placed on;
-  4. else a cold worker that no waiter in the look-ahead is warm on: one the adapter
-     is placed on; for an adapter placed nowhere, one whose LRU would evict no placed
-     adapter; else the cheapest;
+  4. else a cold worker that no waiter in the look-ahead is warm on, and whose LRU
+     would evict no needed adapter (one placed there and warm on no other worker: it
+     would be loaded again soon), the cheapest of those; when every such worker would,
+     and the pool is saturated (as many waiting as slots in service), wait: one that
+     would not may free, or a request for the needed adapter may come, and a slot
+     idles for that at most the pool's recent time between releases; then the
+     cheapest (not saturated: at once);
   5. else step aside: a waiter behind takes that slot and saves a load.
-A waiter that waits (3) or steps aside (5) holds nothing: the free slot stays free for
-whoever is next. The cheapest cold worker: a load's cost is its share of a try's slot
-time there (1 / the worker's service time: a slow worker loses less), doubled if its
-LRU would evict an adapter placed there (that one will be loaded again). Between
+A waiter that waits (3, 4) or steps aside (5) holds nothing: the free slot stays free
+for whoever is next. The cheapest cold worker: one the adapter is placed on, else
+where a load's cost is least: its share of a try's slot time there (1 / the worker's
+service time: a slow worker loses less), doubled if it would evict a needed adapter. Between
 several candidates: power of two choices on in_flight / max_concurrency, the two drawn
 in proportion to `weight` and a tie broken at random in proportion to `weight` (never
 by list order).
@@ -41,9 +45,9 @@ holds is the pool's own: its sends, and `adapters:` in the registry at start.
 `placement: false` plans nothing (rules 1-5 without the placed preferences).
 
 The affinity bound. Steps 3 and 5 let requests behind one go first, within two limits.
-Overtakes: a waiter sees at most `affinity_overtakes` (default 4 per slot in service)
+Overtakes: a waiter sees at most `affinity_overtakes` (default 6 per slot in service)
 waiters behind it granted first. Each such grant delays its turn (FIFO within a team,
-fair between teams) by one grant, so this bounds its wait beyond its turn: about four
+fair between teams) by one grant, so this bounds its wait beyond its turn: about six
 service times by default, whatever the pool's size. The head's time: the head, whose
 turn has come, is held back for at most its allowance, fixed the first time it is held
 back there: `adapter_load_s` x the waiters per slot in service (at least 1), at most
@@ -544,7 +548,7 @@ class Pool:
         recent = [t for t in self._done_at if now - t <= _RATE_WINDOW_S]
         if len(recent) < 2:
             return 0.0
-        return max(now - recent[0], 1e-3) / len(recent)
+        return (recent[-1] - recent[0]) / (len(recent) - 1)
 
     def _replan(self, now: float) -> None:
         if now < self._planned_at + REPLAN_S:

@@ -478,7 +478,7 @@ class PoolSpec(_Frozen):
     # worker). At the head of the queue, for adapter_load_s x waiters per slot (at
     # least 1) at most, and never more than affinity_wait_max_s (None: 4 x
     # adapter_load_s). Anywhere in the queue, for at most affinity_overtakes waiters
-    # behind it served first (None: 4 per slot in service). A free slot looks at most
+    # behind it served first (None: 6 per slot in service). A free slot looks at most
     # affinity_lookahead waiters past the head of the queue.
     affinity_wait_max_s: Annotated[float, Field(ge=0, le=3600)] | None = None
     affinity_overtakes: Annotated[int, Field(ge=0, le=100_000)] | None = None

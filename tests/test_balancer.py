@@ -619,6 +619,89 @@ def test_the_time_allowance_starts_at_the_head_further_back_overtakes_count() ->
     assert second.overtaken == 2
 
 
+def one_worker_holding_a_needed_adapter(clock: FakeClock, slots: int) -> Pool:
+    """p-0 holds "a" (placed there: the only adapter asked often) as its oldest of two,
+    and "z"; the pool has timed its releases (one a second)."""
+    specs: Sequence[str | dict[str, Any]] = [{"url": urls(1)[0], "max_concurrency": slots}]
+    pool = make_pool(specs, clock, warm_adapters=2)
+    serve(pool, clock, ["a"] * 20 + ["z"])
+    assert pool.placed["a"] == frozenset(pool.workers)
+    assert list(pool.workers[0].warm) == ["a", "z"]
+    return pool
+
+
+def held_off_a_needed_adapter(clock: FakeClock) -> tuple[Pool, Ticket]:
+    """Saturated (one waiting, one slot): the free slot would evict "a", warm nowhere
+    else, so the cold request leaves it free for the pool's time between releases."""
+    pool = one_worker_holding_a_needed_adapter(clock, slots=1)
+    running = submit(pool, "z")
+    cold = submit(pool, "c")
+    clock.advance(1.0)
+    pool.release(running, "ok")
+    assert cold.worker is None
+    assert cold.recheck_at == pytest.approx(clock.now + 1.0), "released once a second"
+    assert pool.next_wakeup() == cold.recheck_at
+    return pool, cold
+
+
+def test_saturated_a_load_leaves_a_slot_free_for_the_needed_adapter() -> None:
+    clock = FakeClock()
+    pool, cold = held_off_a_needed_adapter(clock)
+    warm = submit(pool, "a")
+    assert warm.worker is pool.workers[0], "the slot kept for it: no load"
+    clock.advance(0.5)
+    pool.release(warm, "ok")
+    assert cold.worker is pool.workers[0], "now z is the oldest there: load, evict z"
+    assert "a" in pool.workers[0].warm
+
+
+def test_saturated_a_slot_idles_at_most_the_time_between_releases() -> None:
+    clock = FakeClock()
+    pool, cold = held_off_a_needed_adapter(clock)
+    assert cold.recheck_at is not None
+    clock.advance(0.999)
+    pool.dispatch()
+    assert cold.worker is None
+    clock.now = cold.recheck_at
+    pool.dispatch()  # the waiter's own timer does this at recheck_at
+    assert cold.worker is pool.workers[0]
+    assert "a" not in pool.workers[0].warm
+
+
+def test_saturated_a_load_may_evict_an_adapter_warm_elsewhere_too() -> None:
+    """The oldest adapter of the free worker is placed there but also warm on the
+    other: evicting it costs no load, so the cold request takes the slot at once."""
+    clock = FakeClock()
+    pool = make_pool(urls(2), clock, warm_adapters=2)
+    for i in range(20):
+        ticket = submit(pool, "a", exclude=(pool.workers[i % 2],))
+        clock.advance(1.0)
+        pool.release(ticket, "ok")
+    home, other = pool.workers
+    assert home in pool.placed["a"]
+    running = submit(pool, "z", exclude=(other,))
+    busy = submit(pool, "a", exclude=(home,))
+    cold, more = submit(pool, "c"), submit(pool, "d")
+    assert list(home.warm) == ["a", "z"]
+    assert "a" in other.warm
+    clock.advance(1.0)
+    pool.release(running, "ok")
+    assert cold.worker is home
+    assert more.worker is None
+    pool.release(busy, "ok")
+
+
+def test_not_saturated_a_load_evicts_at_once() -> None:
+    """With a slot to spare nobody waits for a better one: nothing idles."""
+    clock = FakeClock()
+    pool = one_worker_holding_a_needed_adapter(clock, slots=2)
+    running = submit(pool, "z")
+    cold = submit(pool, "c")
+    assert cold.worker is pool.workers[0]
+    assert "a" not in pool.workers[0].warm
+    pool.release(running, "ok")
+
+
 def test_reload_changes_the_placement_knobs() -> None:
     clock = FakeClock()
     balancer = Balancer(make_registry({"p": urls(2)}, warm_adapters=2), clock=clock)

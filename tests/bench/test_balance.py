@@ -25,9 +25,9 @@ def test_the_simulation_runs_every_policy_and_repeats_itself() -> None:
     again, _ = balance.run_policy(balance.BALANCER, 0.8, 300, seed=4)
     assert first == again, "seeded: the same run twice"
     assert first.backlog < 10
-    # Within the stated bound: 36 overtakes (4 per slot) at about 5.6 grants/s, plus
+    # Within the stated bound: 54 overtakes (6 per slot) at about 5.6 grants/s, plus
     # the head's allowance (tests/test_balancer.py checks the limits themselves).
-    assert max(beyond) < 8.0
+    assert max(beyond) < 12.0
     for policy in balance.POLICIES:
         result, _ = balance.run_policy(policy, 0.5, 100, seed=4)
         assert result.throughput > 0
