@@ -48,13 +48,14 @@ The affinity bound. Steps 3 and 5 let requests behind one go first, within two l
 Overtakes: a waiter sees at most `affinity_overtakes` (default 6 per slot in service)
 waiters behind it granted first. Each such grant delays its turn (FIFO within a team,
 fair between teams) by one grant, so this bounds its wait beyond its turn: about six
-service times by default, whatever the pool's size. The head's time: the head, whose
-turn has come, is held back for at most its allowance, fixed the first time it is held
-back there: `adapter_load_s` x the waiters per slot in service (at least 1), at most
-`affinity_wait_max_s` (default 4 x `adapter_load_s`). Further back only overtakes
-count: a clock started there runs out during the ordinary wait for its turn and then
-forces a load that saves nobody time. Once either limit is reached no request behind
-it is served before it, and it takes the first slot free for it.
+service times by default, whatever the pool's size. Time: once its turn has come (it
+is the head, or the pool is not saturated: every waiter would be served within a
+round) a waiter is held back for at most its allowance, fixed the first time it is
+held back so: `adapter_load_s` x the waiters per slot in service (at least 1), at most
+`affinity_wait_max_s` (default 4 x `adapter_load_s`). Deep in a saturated queue only
+overtakes count: a clock started there runs out during the ordinary wait for its turn
+and then forces a load that saves nobody time. Once either limit is reached no request
+behind it is served before it, and it takes the first slot free for it.
 tests/test_balancer.py::test_affinity_bound_*, ::test_a_waiter_is_overtaken_*,
 ::test_the_time_allowance_starts_* and ::test_no_slot_leaks_and_the_bound_holds_* check
 it on a fake clock; bench/balance.py measures the wait beyond the FIFO turn
@@ -445,6 +446,7 @@ class Pool:
         waiters = list(itertools.islice(self.queue, self.spec.affinity_lookahead + 1))
         deferred: Counter[Worker] = Counter()  # waiters in this pass waiting per worker
         held: list[Ticket] = []  # waiters this pass passed over: a grant behind overtakes them
+        most = self._overtakes_max()
         granted = False
         for i, ticket in enumerate(waiters):
             if spare == 0:
@@ -457,6 +459,8 @@ class Pool:
                 free[choice] -= 1
                 spare -= 1
                 granted = True
+                if any(ahead.overtaken >= most for ahead in held):
+                    break  # its limit is reached: the next pass serves it before those behind
             else:
                 held.append(ticket)
         return granted
@@ -596,11 +600,12 @@ class Pool:
         return OVERTAKES_PER_SLOT * max(1, slots)
 
     def _held_back(self, ticket: Ticket, now: float, *, head: bool) -> None:
-        """Affinity holds `ticket` back. Only the head's turn has come: its time
-        allowance starts the first time it is held back there. Further back the
-        overtakes count instead (a clock started there would run out during the
-        ordinary wait for its turn, and force a load that saves no time)."""
-        if head and ticket.passed_at is None:
+        """Affinity holds `ticket` back. Its time allowance starts the first time that
+        happens once its turn has come: at the head, or anywhere while the pool is not
+        saturated (every waiter would be served within a round). Before that only the
+        overtakes count: a clock started there would run out during the ordinary wait
+        for its turn, and force a load that saves nobody time."""
+        if ticket.passed_at is None and (head or not self._saturated()):
             ticket.passed_at = now
             ticket.wake_at = now + self._bound_s()
 

@@ -596,8 +596,9 @@ def test_a_waiter_is_overtaken_at_most_affinity_overtakes_times() -> None:
 
 
 def test_the_time_allowance_starts_at_the_head_further_back_overtakes_count() -> None:
-    """Two cold waiters step aside for a warm one: the head's allowance starts, the
-    second's does not (its turn has not come), but both were overtaken once. Once the
+    """Saturated (three waiting, one slot), two cold waiters step aside for a warm one:
+    the head's allowance starts, the second's does not (its turn has not come), but
+    both were overtaken once. Once the
     head is served, the second's clock starts the first time it is held back there."""
     clock = FakeClock()
     specs: Sequence[str | dict[str, Any]] = [{"url": urls(1)[0], "adapters": ["a"]}]
@@ -617,6 +618,21 @@ def test_the_time_allowance_starts_at_the_head_further_back_overtakes_count() ->
     assert more.worker is not None, "the second, now the head, steps aside"
     assert second.passed_at == clock.now
     assert second.overtaken == 2
+
+
+def test_not_saturated_every_waiter_held_back_starts_its_time_allowance() -> None:
+    """Three waiting for four slots: each would be served within a round, so the
+    second's clock starts too when it steps aside (saturated, only the head's does)."""
+    clock = FakeClock()
+    specs: Sequence[str | dict[str, Any]] = [
+        {"url": urls(1)[0], "adapters": ["a"], "max_concurrency": 4}
+    ]
+    pool = make_pool(specs, clock, adapter_load_s=1.0, affinity_wait_max_s=1.0)
+    running = [submit(pool, "a") for _ in range(4)]
+    head, second, warm = submit(pool, "x"), submit(pool, "y"), submit(pool, "a")
+    pool.release(running[0], "ok")
+    assert warm.worker is not None
+    assert head.passed_at == second.passed_at == clock.now
 
 
 def one_worker_holding_a_needed_adapter(clock: FakeClock, slots: int) -> Pool:
