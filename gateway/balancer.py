@@ -54,8 +54,10 @@ round) a waiter is held back for at most its allowance, fixed the first time it 
 held back so: `adapter_load_s` x the waiters per slot in service (at least 1), at most
 `affinity_wait_max_s` (default 4 x `adapter_load_s`). Deep in a saturated queue only
 overtakes count: a clock started there runs out during the ordinary wait for its turn
-and then forces a load that saves nobody time. Once either limit is reached no request
-behind it is served before it, and it takes the first slot free for it.
+and then forces a load that saves nobody time. Overtaken by another team, though, its
+allowance starts at once and lasts at most `adapter_load_s`: its team's fair share is
+at stake, not only its own wait. Once either limit is reached no request behind it is
+served before it, and it takes the first slot free for it.
 tests/test_balancer.py::test_affinity_bound_*, ::test_a_waiter_is_overtaken_*,
 ::test_the_time_allowance_starts_* and ::test_no_slot_leaks_and_the_bound_holds_* check
 it on a fake clock; bench/balance.py measures the wait beyond the FIFO turn
@@ -455,6 +457,8 @@ class Pool:
             if isinstance(choice, Worker):
                 for ahead in held:
                     ahead.overtaken += 1
+                    if ahead.team != ticket.team:
+                        self._overtaken_by_another_team(ahead, now)
                 self._grant(ticket, choice, now)
                 free[choice] -= 1
                 spare -= 1
@@ -598,6 +602,14 @@ class Pool:
             return self.spec.affinity_overtakes
         slots = sum(w.spec.max_concurrency for w in self.workers if w.in_service)
         return OVERTAKES_PER_SLOT * max(1, slots)
+
+    def _overtaken_by_another_team(self, ticket: Ticket, now: float) -> None:
+        """Its team's fair share is at stake: its time allowance runs from now if it
+        did not yet, and for at most adapter_load_s (what one load would cost)."""
+        if ticket.passed_at is None:
+            ticket.passed_at = now
+        end = ticket.passed_at + min(self._bound_s(), self.spec.adapter_load_s)
+        ticket.wake_at = end if ticket.wake_at is None else min(ticket.wake_at, end)
 
     def _held_back(self, ticket: Ticket, now: float, *, head: bool) -> None:
         """Affinity holds `ticket` back. Its time allowance starts the first time that

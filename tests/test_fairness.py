@@ -347,3 +347,36 @@ def test_affinity_overtakes_the_fair_order_within_its_bound_and_is_charged() -> 
     assert light[0].granted_at - (light[0].queued_at + 0.4) <= 1.0 + 0.4
     # Heavy went ahead three times and was charged for it: light's next goes first.
     assert granted[4] is light[1]
+
+
+def test_another_teams_overtake_starts_the_time_allowance_anywhere() -> None:
+    """Saturated, a waiter behind the head counts only overtakes by its own team; one
+    by another team starts its time allowance there and then, and for at most
+    adapter_load_s (1 s here, though the queue would allow 8): its team's share is at
+    stake. The fair order interleaves light and heavy: L0, H0, L1, H1, ..."""
+    clock = FakeClock()
+    worker = {"url": "http://127.0.0.1:1", "adapters": ["a"]}
+    registry = make_registry(
+        {"p": [worker]}, adapter_load_s=1.0, affinity_wait_max_s=10.0, share_credit_s=0
+    )
+    pool = Balancer(registry, clock=clock, rng=random.Random(1)).pool("p")
+    running = Ticket("a", team="heavy", steps=4)
+    pool.submit(running)
+    clock.advance(0.4)
+    pool.release(running, "ok")  # the pool has timed a step, heavy was charged
+    running = Ticket("a", team="heavy", steps=4)
+    pool.submit(running)
+    light = [Ticket("x", team="light", steps=4) for _ in range(3)]
+    heavy = [Ticket("a", team="heavy", steps=4) for _ in range(6)]
+    submit_all(pool, [*light, *heavy])
+    assert list(pool.queue)[:3] == [light[0], heavy[0], light[1]]
+    clock.advance(0.4)
+    pool.release(running, "ok")
+    assert heavy[0].worker is not None, "warm, it went first"
+    assert light[0].wake_at == pytest.approx(clock.now + 1.0), "the head: 1 s, not 8"
+    assert light[1].passed_at is None, "not overtaken yet"
+    clock.advance(0.4)
+    pool.release(heavy[0], "ok")
+    assert heavy[1].worker is not None
+    assert light[1].passed_at == clock.now
+    assert light[1].wake_at == pytest.approx(clock.now + 1.0)
