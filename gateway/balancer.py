@@ -147,7 +147,7 @@ class Ticket:
     error: RequestError | None = None
     queued_at: float = 0.0
     granted_at: float = 0.0
-    passed_at: float | None = None  # first time affinity kept it waiting as the head
+    passed_at: float | None = None  # its time allowance started: held back once its turn came
     wake_at: float | None = None  # when that allowance runs out: dispatch again
     overtaken: int = 0  # waiters behind it granted a slot first (the affinity bound)
     recheck_at: float | None = None  # held off a load that would evict a needed adapter
@@ -397,7 +397,7 @@ class Pool:
         """When a queued `ticket` is likely to get a slot: the work ahead of it in
         service order and the work left on running tries, over the slots in service.
         None before the pool has timed a step (no grounds to refuse anything)."""
-        slots = sum(w.spec.max_concurrency for w in self.workers if w.in_service)
+        slots = self.slots_in_service()
         if self.queue.step_s is None or not slots:
             return None
         now = self.clock()
@@ -421,11 +421,18 @@ class Pool:
     def retry_after_s(self) -> int:
         """Seconds until the queue, plus one, is likely served at the recent rate."""
         now = self.clock()
-        recent = [t for t in self._done_at if now - t <= _RATE_WINDOW_S]
+        recent = self._recent_successes(now)
         if len(recent) < 2:
             return math.ceil(self.spec.queue_timeout_s)
         rate = len(recent) / max(now - recent[0], 1e-3)
         return min(3600, math.ceil((len(self.queue) + 1) / rate))
+
+    def _recent_successes(self, now: float) -> list[float]:
+        """When the last successes (at most 64) ended, those within _RATE_WINDOW_S."""
+        return [t for t in self._done_at if now - t <= _RATE_WINDOW_S]
+
+    def slots_in_service(self) -> int:
+        return sum(w.spec.max_concurrency for w in self.workers if w.in_service)
 
     def retry_allowed(self) -> bool:
         """Envoy's retry budget: retries in progress below a share of active requests."""
@@ -547,13 +554,12 @@ class Pool:
 
     def _saturated(self) -> bool:
         """As many waiting as slots in service: a slot held free is soon taken."""
-        return len(self.queue) >= sum(w.spec.max_concurrency for w in self.workers if w.in_service)
+        return len(self.queue) >= self.slots_in_service()
 
     def _idle_s(self) -> float:
         """The pool's recent time between successes: how long a slot may idle to keep
         a needed adapter (0 before any was timed: none idles)."""
-        now = self.clock()
-        recent = [t for t in self._done_at if now - t <= _RATE_WINDOW_S]
+        recent = self._recent_successes(self.clock())
         if len(recent) < 2:
             return 0.0
         return (recent[-1] - recent[0]) / (len(recent) - 1)
@@ -592,7 +598,7 @@ class Pool:
         spec = self.spec
         most = spec.affinity_wait_max_s
         most = 4 * spec.adapter_load_s if most is None else most
-        slots = sum(w.spec.max_concurrency for w in self.workers if w.in_service) or 1
+        slots = self.slots_in_service() or 1
         return min(most, spec.adapter_load_s * max(1.0, len(self.queue) / slots))
 
     def _overtakes_max(self) -> int:
@@ -600,8 +606,7 @@ class Pool:
         service times of delay beyond its turn, whatever the pool's size."""
         if self.spec.affinity_overtakes is not None:
             return self.spec.affinity_overtakes
-        slots = sum(w.spec.max_concurrency for w in self.workers if w.in_service)
-        return OVERTAKES_PER_SLOT * max(1, slots)
+        return OVERTAKES_PER_SLOT * max(1, self.slots_in_service())
 
     def _overtaken_by_another_team(self, ticket: Ticket, now: float) -> None:
         """Its team's fair share is at stake: its time allowance runs from now if it

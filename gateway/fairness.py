@@ -40,8 +40,9 @@ Retries (`appendleft`) go before all of that, as they did in the FIFO: they came
 Affinity. The balancer may grant a waiter behind (within its look-ahead) before one
 ahead in this order, to save an adapter load. Both bounds still hold, with "fair
 turn" for "FIFO turn": a waiter is overtaken at most `affinity_overtakes` times, and
-held back at the head for at most its time allowance (balancer.py: `adapter_load_s` x
-waiters per slot, at most `affinity_wait_max_s`), so its wait beyond its fair turn is
+held back for at most its time allowance once its turn has come or another team went
+first (balancer.py: `adapter_load_s` x waiters per slot, at most `affinity_wait_max_s`;
+at most `adapter_load_s` against another team), so its wait beyond its fair turn is
 bounded by those; and since the charge follows the grant, a team that went ahead
 through affinity is charged for it and falls back by as much: shares drift from the
 weights by at most the work of those grants, and that drift is repaid, not lost.

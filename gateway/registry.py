@@ -475,11 +475,11 @@ class PoolSpec(_Frozen):
     # most this many GPU-seconds per unit of weight: room for a light team's bursts.
     share_credit_s: Annotated[float, Field(ge=0, le=86400)] = 60.0
     # How far affinity may hold a request back (passed over, or waiting for a warm
-    # worker). At the head of the queue, for adapter_load_s x waiters per slot (at
-    # least 1) at most, and never more than affinity_wait_max_s (None: 4 x
-    # adapter_load_s). Anywhere in the queue, for at most affinity_overtakes waiters
-    # behind it served first (None: 6 per slot in service). A free slot looks at most
-    # affinity_lookahead waiters past the head of the queue.
+    # worker). Once its turn has come (the head, or fewer waiting than slots), for
+    # adapter_load_s x waiters per slot (at least 1) at most, and never more than
+    # affinity_wait_max_s (None: 4 x adapter_load_s). Anywhere in the queue, for at most
+    # affinity_overtakes waiters behind it served first (None: 6 per slot in service).
+    # A free slot looks at most affinity_lookahead waiters past the head of the queue.
     affinity_wait_max_s: Annotated[float, Field(ge=0, le=3600)] | None = None
     affinity_overtakes: Annotated[int, Field(ge=0, le=100_000)] | None = None
     affinity_lookahead: Annotated[int, Field(ge=0, le=1000)] = 32
